@@ -62,6 +62,7 @@ def run_notebook(path: Path) -> NotebookRun:
 
 def get(run: NotebookRun, name: str, kind: str = "function") -> Any:
     """Fetch `name` from the learner's notebook, or fail saying it is missing."""
+    __tracebackhide__ = True  # pytest shows the message, not the grader's internals
     if name not in run.ns:
         raise AssertionError(f"{run.path.name}: no {kind} named `{name}` - did you run/define the cell that creates it?")
     return run.ns[name]
@@ -69,6 +70,7 @@ def get(run: NotebookRun, name: str, kind: str = "function") -> Any:
 
 def call(run: NotebookRun, name: str, *args, **kwargs) -> Any:
     """Call the learner's function; an unfinished exercise (NotImplementedError) gets a plain message."""
+    __tracebackhide__ = True
     fn = get(run, name)
     if not callable(fn):
         raise AssertionError(f"`{name}` should be callable, got {type(fn).__name__}")
@@ -82,6 +84,7 @@ def call(run: NotebookRun, name: str, *args, **kwargs) -> Any:
 
 def assert_close(actual: Any, expected: torch.Tensor, what: str, atol: float = 1e-5, rtol: float = 1e-5) -> None:
     """Compare tensors and, when they differ, say how: type, shape, dtype, the worst element and by how much."""
+    __tracebackhide__ = True
     if not isinstance(actual, torch.Tensor):
         raise AssertionError(f"{what}: expected a torch.Tensor, got {type(actual).__name__}")
     if actual.shape != expected.shape:
