@@ -35,6 +35,10 @@ def test_package_is_the_notebooks_export(tmp_path):
     assert proc.returncode == 0, proc.stderr
     want, have = _exported_files(lib), _exported_files(ROOT / "zer02llm")
     assert sorted(want) == sorted(have), f"modules differ: export gives {sorted(want)}, committed {sorted(have)} - run nbdev-export and commit"
+    # nbdev also rewrites the package docstring in __init__.py and notebooks/llms.txt from the notebooks
+    for extra in ("zer02llm/__init__.py", "notebooks/llms.txt"):
+        want[extra] = (tmp_path / extra).read_text(encoding="utf-8") if (tmp_path / extra).exists() else None
+        have[extra] = (ROOT / extra).read_text(encoding="utf-8") if (ROOT / extra).exists() else None
     stale = [rel for rel in want if want[rel] != have[rel]]
     assert not stale, f"stale modules {stale}: edit the notebook, run nbdev-export, commit both"
 
