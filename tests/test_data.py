@@ -1,0 +1,336 @@
+"""Datasets (zer02llm.data): packed pretraining blocks against a plain reference, the token-memmap cache, exact SFT
+masks on hand-built conversations, the offset index, loaders with workers and DistributedSampler, bad input."""
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from zer02llm import data
+from zer02llm.corpus import JsonlError, write_builtin_dataset
+from zer02llm.data import IGNORE_INDEX, PretrainDataset, SFTDataset, encode_sft, make_loader
+from zer02llm.tokenizer import load_tokenizer, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return write_builtin_dataset(tmp_path_factory.mktemp("ds"), seed=0, size_mb=0.1)
+
+
+def write_lines(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def files_in(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+# ---- pretraining ------------------------------------------------------------------------------------------------
+
+def test_pretrain_blocks_match_a_plain_reference(tmp_path, tok):
+    texts = ["Mia had a red kite.", "Korvel lies on the river Sora.", "3 plus 4 is 7.", "我们 🙂", "x" * 50]
+    path = write_lines(tmp_path / "p.jsonl", [{"text": t} for t in texts * 3])
+    stream = [i for t in texts * 3 for i in [tok.bos_id, *tok.encode(t), tok.eos_id]]
+    L = 16
+    ds = PretrainDataset(path, tok, max_seq_len=L)
+    assert (ds.n_docs, ds.n_tokens, ds.skipped) == (15, len(stream), 0)
+    assert len(ds) == len(stream) // L
+    for i in range(len(ds)):
+        x, y = ds[i]
+        assert x.dtype == y.dtype == torch.long and x.shape == y.shape == (L,)
+        assert x.tolist() == stream[i * L:(i + 1) * L] and torch.equal(x, y)
+    assert torch.equal(ds[-1][0], ds[len(ds) - 1][0])
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+    assert ds.tokens.dtype == np.uint16 and ds.tokens_path.stat().st_size == 2 * len(stream)
+
+
+def test_pretrain_cache_is_reused_and_invalidated(tmp_path, tok, monkeypatch):
+    path = write_lines(tmp_path / "p.jsonl", [{"text": f"document number {i}"} for i in range(40)])
+    first = PretrainDataset(path, tok, max_seq_len=8)
+    assert first.tokens_path.parent == tmp_path
+    cached = files_in(tmp_path)
+    assert not [n for n in cached if n.endswith(".tmp")]
+
+    def no_tokenizing(*a, **k):
+        raise AssertionError("the cache should have been used")
+
+    with monkeypatch.context() as m:
+        m.setattr(type(tok), "encode_batch", no_tokenizing)
+        again = PretrainDataset(path, tok, max_seq_len=32)  # another block size reuses the same token file
+        assert again.tokens_path == first.tokens_path
+    write_lines(path, [{"text": f"changed document {i}"} for i in range(40)])
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    changed = PretrainDataset(path, tok, max_seq_len=8)
+    head = [tok.bos_id, *tok.encode("changed")]
+    assert changed.tokens_path != first.tokens_path and changed[0][0].tolist()[:len(head)] == head
+    other_tok = train_tokenizer(["document number changed"] * 10, 300)
+    assert PretrainDataset(path, other_tok, max_seq_len=8).tokens_path != changed.tokens_path
+
+
+def test_pretrain_cache_dir_and_nothing_half_written(tmp_path, tok, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    path = write_lines(src / "p.jsonl", [{"text": f"doc {i}"} for i in range(2000)])
+    cache = tmp_path / "cache"
+    calls = {"n": 0}
+    real = type(tok).encode_batch
+
+    def failing(self, texts):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed mid-way")
+        return real(self, texts)
+
+    with monkeypatch.context() as m:
+        m.setattr(type(tok), "encode_batch", failing)
+        with pytest.raises(KeyboardInterrupt):
+            PretrainDataset(path, tok, max_seq_len=8, cache_dir=cache)
+    assert not cache.exists() or files_in(cache) == []
+    ds = PretrainDataset(path, tok, max_seq_len=8, cache_dir=cache)
+    assert ds.tokens_path.parent == cache and files_in(src) == ["p.jsonl"] and ds.n_docs == 2000
+
+
+def test_pretrain_pickles_without_the_data(tmp_path, tok):
+    path = write_lines(tmp_path / "p.jsonl", [{"text": "some words " * 50}] * 50)
+    ds = PretrainDataset(path, tok, max_seq_len=8)
+    _ = ds[0]
+    blob = pickle.dumps(ds)
+    assert len(blob) < ds.n_tokens  # the memmap is not copied into the pickle
+    clone = pickle.loads(blob)
+    assert torch.equal(clone[3][0], ds[3][0])
+
+
+def test_pretrain_bad_input(tmp_path, tok):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"text": "Mia had a red kite."}\n{"text": "oops"\n{"text": "Tom had a blue ball."}\n')
+    with pytest.raises(JsonlError, match=r"bad\.jsonl:2: invalid JSON"):
+        PretrainDataset(path, tok, max_seq_len=4)
+    assert files_in(tmp_path) == ["bad.jsonl"], "a failed preparation must leave nothing behind"
+    ds = PretrainDataset(path, tok, max_seq_len=4, skip_bad_lines=True)
+    assert (ds.n_docs, ds.skipped) == (2, 1)
+    assert PretrainDataset(path, tok, max_seq_len=4, skip_bad_lines=True).skipped == 1  # from the cache too
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    with pytest.raises(JsonlError, match="empty"):
+        PretrainDataset(tmp_path / "empty.jsonl", tok, max_seq_len=4)
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(JsonlError, match=r"latin1\.jsonl:1: not valid UTF-8"):
+        PretrainDataset(tmp_path / "latin1.jsonl", tok, max_seq_len=4)
+    (tmp_path / "key.jsonl").write_text('{"content": "x"}\n', encoding="utf-8")
+    with pytest.raises(JsonlError, match=r"key\.jsonl:1: expected an object with a 'text' key"):
+        PretrainDataset(tmp_path / "key.jsonl", tok, max_seq_len=4)
+
+
+def test_pretrain_too_little_data_and_bad_lengths(tmp_path, tok):
+    path = write_lines(tmp_path / "p.jsonl", [{"text": "hi"}])
+    with pytest.raises(ValueError, match="fewer than one block"):
+        PretrainDataset(path, tok, max_seq_len=64)
+    with pytest.raises(ValueError, match="max_seq_len must be at least 2"):
+        PretrainDataset(path, tok, max_seq_len=1)
+
+
+# ---- SFT --------------------------------------------------------------------------------------------------------
+
+def expected_sft(tok, prompt_then_replies, L):
+    """Hand-built reference: pieces of text, each (text, learned); ids by encoding each piece."""
+    ids, labels = [], []
+    for text, learned in prompt_then_replies:
+        piece = tok.encode(text)
+        ids += piece
+        labels += piece if learned else [IGNORE_INDEX] * len(piece)
+    ids, labels = ids[:L], labels[:L]
+    pad = L - len(ids)
+    return ids + [tok.pad_id] * pad, labels + [IGNORE_INDEX] * pad
+
+
+def test_sft_single_turn_exact_mask(tok):
+    messages = [{"role": "user", "content": "Which river flows through Korvel?"},
+                {"role": "assistant", "content": "Korvel lies on the river Sora."}]
+    x, y = encode_sft(tok, messages, 40)
+    want_x, want_y = expected_sft(tok, [
+        ("<|im_start|>user\nWhich river flows through Korvel?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Korvel lies on the river Sora.<|im_end|>", True),
+        ("\n", False)], 40)
+    assert x.tolist() == want_x and y.tolist() == want_y
+    labelled = (y != IGNORE_INDEX).nonzero().flatten()
+    assert tok.decode([x[labelled[0]].item()]) == "Korvel", "the first reply token must be learned"
+    assert x[labelled[-1]].item() == tok.eos_id and y[labelled[-1] + 1].item() == IGNORE_INDEX
+    assert x.dtype == y.dtype == torch.long and x.shape == y.shape == (40,)
+
+
+def test_sft_multi_turn_with_system_exact_mask(tok):
+    messages = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "2 plus 3 is 5."},
+                {"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Zer02LLM."}]
+    x, y = encode_sft(tok, messages, 80)
+    want_x, want_y = expected_sft(tok, [
+        ("<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\nWhat is 2 plus 3?<|im_end|>\n"
+         "<|im_start|>assistant\n", False),
+        ("2 plus 3 is 5.<|im_end|>", True),
+        ("\n<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("I am Zer02LLM.<|im_end|>", True),
+        ("\n", False)], 80)
+    assert x.tolist() == want_x and y.tolist() == want_y
+
+
+def test_sft_truncation_keeps_labels_aligned(tok):
+    messages = [{"role": "user", "content": "Tell me a story."},
+                {"role": "assistant", "content": "Mia had a red kite. She loved the red kite very much. " * 4}]
+    full_x, full_y = encode_sft(tok, messages, 200)
+    n = int((full_x != tok.pad_id).sum())
+    for L in (5, 12, 20, n - 1, n, n + 3):
+        x, y = encode_sft(tok, messages, L)
+        assert x.shape == y.shape == (L,)
+        assert torch.equal(x[:min(L, n)], full_x[:min(L, n)]) and torch.equal(y[:min(L, n)], full_y[:min(L, n)])
+        labelled = y != IGNORE_INDEX
+        assert torch.equal(y[labelled], x[labelled])
+
+
+def test_sft_dataset_index_and_items(tmp_path, tok):
+    convs = [
+        {"conversations": [{"role": "user", "content": "héllo 🙂"}, {"role": "assistant", "content": "hi"}]},
+        {"conversations": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], "id": 7},
+    ]
+    path = tmp_path / "s.jsonl"
+    lines = [json.dumps(c, ensure_ascii=False) for c in convs]
+    path.write_text(lines[0] + "\n\n" + '{"conversations": [{"role": "tool", "content": "x"}]}\n' + lines[1] + "\n",
+                    encoding="utf-8")
+    with pytest.raises(JsonlError, match=r"s\.jsonl:3: 'conversations': message 0 has unknown role 'tool'"):
+        SFTDataset(path, tok, 32)
+    ds = SFTDataset(path, tok, 32, skip_bad_lines=True)
+    assert len(ds) == 2 and ds.skipped == 1
+    for i, c in enumerate(convs):
+        assert ds.conversation(i) == c["conversations"]
+        x, y = ds[i]
+        want_x, want_y = encode_sft(tok, c["conversations"], 32)
+        assert torch.equal(x, want_x) and torch.equal(y, want_y)
+    cached = files_in(tmp_path)
+    assert len(cached) == 3 and not [n for n in cached if n.endswith(".tmp")]  # jsonl + index + metadata
+    assert SFTDataset(path, tok, 32, skip_bad_lines=True).skipped == 1
+    assert files_in(tmp_path) == cached
+
+
+def test_sft_index_follows_the_file(tmp_path, tok):
+    path = write_lines(tmp_path / "s.jsonl", [{"conversations": [{"role": "user", "content": "a"},
+                                                                 {"role": "assistant", "content": "b"}]}])
+    assert len(SFTDataset(path, tok, 16)) == 1
+    write_lines(path, [{"conversations": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}] * 3)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert len(SFTDataset(path, tok, 16)) == 3
+
+
+def test_sft_bad_input(tmp_path, tok):
+    (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
+    with pytest.raises(JsonlError, match="empty"):
+        SFTDataset(tmp_path / "empty.jsonl", tok, 16)
+    (tmp_path / "user_only.jsonl").write_text('{"conversations": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
+    with pytest.raises(JsonlError, match="no assistant message"):
+        SFTDataset(tmp_path / "user_only.jsonl", tok, 16)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        SFTDataset(tmp_path / "user_only.jsonl", tok, 0)
+
+
+def test_sft_on_built_in_data_labels_exactly_the_replies(built, tok):
+    ds = SFTDataset(built["sft"], tok, 512)
+    for i in range(0, len(ds), 7):
+        x, y = ds[i]
+        replies = "".join(m["content"] + "<|im_end|>" for m in ds.conversation(i) if m["role"] == "assistant")
+        assert tok.decode(y[y != IGNORE_INDEX].tolist()) == replies
+
+
+# ---- loaders ----------------------------------------------------------------------------------------------------
+
+def _all_batches(loader):
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def test_make_loader_shapes_and_seeded_shuffle(built, tok):
+    ds = PretrainDataset(built["pretrain"], tok, max_seq_len=32)
+    loader, sampler = make_loader(ds, batch_size=4, seed=0)
+    assert sampler is None and len(loader) == len(ds) // 4
+    batches = _all_batches(loader)
+    assert all(x.shape == (4, 32) and x.dtype == torch.long for x, _ in batches)
+    again = _all_batches(make_loader(ds, batch_size=4, seed=0)[0])
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+    other = _all_batches(make_loader(ds, batch_size=4, seed=1)[0])
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(batches, other))
+    ordered = _all_batches(make_loader(ds, batch_size=4, shuffle=False)[0])
+    assert torch.equal(ordered[0][0][1], ds[1][0])
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        make_loader(ds, batch_size=len(ds) + 1)
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        make_loader(ds, batch_size=0)
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "sft"])
+def test_workers_give_the_same_batches(built, tok, kind):
+    ds = (PretrainDataset(built["pretrain"], tok, 32) if kind == "pretrain" else SFTDataset(built["sft"], tok, 64))
+    plain = _all_batches(make_loader(ds, batch_size=8, seed=3)[0])[:6]
+    loader, _ = make_loader(ds, batch_size=8, seed=3, num_workers=2)
+    with_workers = []
+    for batch in loader:
+        with_workers.append(batch)
+        if len(with_workers) == 6:
+            break
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(plain, with_workers))
+
+
+def test_distributed_needs_a_process_group(built, tok):
+    ds = PretrainDataset(built["pretrain"], tok, 32)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        make_loader(ds, batch_size=4, distributed=True)
+
+
+def test_distributed_ranks_share_the_data(built, tok, monkeypatch):
+    ds = SFTDataset(built["sft"], tok, 32)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    seen = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(dist, "get_rank", lambda group=None, r=rank: r)
+        loader, sampler = make_loader(ds, batch_size=2, distributed=True, seed=5)
+        assert sampler is not None and sampler.rank == rank and sampler.num_replicas == 2
+        sampler.set_epoch(0)
+        seen[rank] = list(sampler)
+        sampler.set_epoch(1)
+        assert list(sampler) != seen[rank], "set_epoch must reshuffle"
+        assert len(loader) == len(seen[rank]) // 2
+    assert not set(seen[0]) & set(seen[1])
+    assert len(seen[0]) == len(seen[1]) == len(ds) // 2
+
+
+def test_distributed_with_a_real_single_process_group(built, tok, tmp_path):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ds = PretrainDataset(built["pretrain"], tok, 32)
+        loader, sampler = make_loader(ds, batch_size=4, distributed=True)
+        sampler.set_epoch(0)
+        x, y = next(iter(loader))
+        assert x.shape == (4, 32) and len(loader) == len(ds) // 4
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tokenizers_parallelism_is_configured_for_workers(built, tok, monkeypatch):
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "unset")  # so that monkeypatch restores the original afterwards
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM")
+    make_loader(SFTDataset(built["sft"], tok, 32), batch_size=2, num_workers=1)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    make_loader(SFTDataset(built["sft"], tok, 32), batch_size=2, num_workers=1)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+
+
+def test_module_has_no_duplicate_ignore_index():
+    assert data.IGNORE_INDEX == -100 == torch.nn.CrossEntropyLoss().ignore_index

@@ -1,0 +1,279 @@
+"""The tokenizer (zer02llm.tokenizer): exact round trips, streaming, the chat template against transformers, the
+assistant mask, loading/saving, and the shipped files being what the command line trains."""
+import json
+import random
+import re
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from zer02llm import tokenizer as tk
+from zer02llm.tokenizer import (BOS_TOKEN, CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, ChatTokenizer, bytes_to_unicode,
+                                default_tokenizer_dir, load_tokenizer, train_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+TEXTS = [
+    "Mia had a red kite. She loved the red kite very much.",
+    "我们从零开始训练一个小语言模型。",
+    "emoji: 🙂👍🏽🎉 👨‍👩‍👧 flags 🇫🇷",
+    "def f(x):\n\treturn {'a': x ** 2}  # comment\n",
+    "  leading, trailing  \n\n\t\r\n   ",
+    "",
+    " ",
+    "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>",
+    "Ünïcödé ÀÉÎ ß ﬁ Ω ≈ ∑ \u00a0 nbsp \u200b zero-width \x00 nul \x7f",
+]
+
+
+def random_text(rng: random.Random, n: int) -> str:
+    ranges = [(0x20, 0x7E), (0x09, 0x0D), (0xA0, 0x24F), (0x4E00, 0x4FFF), (0x1F300, 0x1F64F), (0x3040, 0x30FF)]
+    out = []
+    for _ in range(n):
+        lo, hi = rng.choice(ranges)
+        out.append(chr(rng.randint(lo, hi)))
+        if rng.random() < 0.02:
+            out.append(rng.choice([BOS_TOKEN, EOS_TOKEN, PAD_TOKEN]))
+    return "".join(out)
+
+
+def test_special_tokens(tok):
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    assert [tok.decode([i]) for i in (0, 1, 2)] == [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]
+    assert tok.encode(BOS_TOKEN + "x" + EOS_TOKEN)[0] == tok.bos_id and tok.encode("x" + EOS_TOKEN)[-1] == tok.eos_id
+    vocab = json.loads((default_tokenizer_dir() / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+    assert tok.vocab_size == len(vocab) and 259 < tok.vocab_size <= 6400
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_round_trip_examples(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_round_trip_random(tok):
+    rng = random.Random(0)
+    for _ in range(200):
+        text = random_text(rng, rng.randint(1, 80))
+        assert tok.decode(tok.encode(text)) == text, repr(text)
+    batch = [random_text(rng, 30) for _ in range(20)]
+    assert tok.encode_batch(batch) == [tok.encode(t) for t in batch]
+
+
+def test_bytes_to_unicode_is_the_byte_level_alphabet():
+    table = bytes_to_unicode()
+    assert sorted(table) == list(range(256))
+    assert len(set(table.values())) == 256
+    assert set(table.values()) == set(pre_tokenizers.ByteLevel.alphabet())
+    assert table[ord(" ")] == "Ġ" and table[ord("\n")] == "Ċ" and table[ord("a")] == "a"
+
+
+def test_token_bytes_decode_like_the_library(tok):
+    rng = random.Random(1)
+    for text in TEXTS + [random_text(rng, 50) for _ in range(50)]:
+        ids = tok.encode(text)
+        assert b"".join(tok.token_bytes[i] for i in ids).decode("utf-8") == tok.decode(ids) == text
+
+
+def test_stream_decoder_never_emits_half_a_character(tok):
+    rng = random.Random(2)
+    for text in TEXTS + [random_text(rng, 60) for _ in range(100)]:
+        stream, emitted = tok.stream_decoder(), ""
+        for i in tok.encode(text):
+            piece = stream.push(i)
+            assert "\ufffd" not in piece, (text, piece)
+            emitted += piece
+            assert text.startswith(emitted)
+        emitted += stream.flush()
+        assert emitted == text
+
+
+def test_stream_decoder_ignores_ids_outside_the_vocabulary(tok):
+    stream = tok.stream_decoder()
+    assert stream.push(tok.vocab_size + 5) == "" and stream.push(-1) == ""
+    assert tok.decode([tok.encode("a")[0], tok.vocab_size + 5]) == "a"
+
+
+# ---- chat template --------------------------------------------------------------------------------------------
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Which river flows through Korvel?"}],
+    [{"role": "system", "content": "You are Zer02LLM."}, {"role": "user", "content": "Who are you?"},
+     {"role": "assistant", "content": "I am Zer02LLM."}],
+    [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4."},
+     {"role": "user", "content": "And 3 + 3?\nThanks 🙂"}, {"role": "assistant", "content": "6.\n\nDone."}],
+    [{"role": "user", "content": ""}, {"role": "assistant", "content": "  spaced  "}],
+    [{"role": "system", "content": "Be brief."}],
+]
+
+
+def chatml(messages, add_generation_prompt=False):  # independent reference of the template
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory, tok):
+    transformers = pytest.importorskip("transformers")
+    folder = tok.save(tmp_path_factory.mktemp("tok"))
+    return transformers.AutoTokenizer.from_pretrained(str(folder))
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+@pytest.mark.parametrize("gen", [False, True])
+def test_chat_template_matches_transformers_and_reference(tok, hf_tokenizer, messages, gen):
+    ours = tok.apply_chat_template(messages, add_generation_prompt=gen)
+    assert ours == chatml(messages, gen)
+    assert ours == hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+
+
+def test_transformers_reads_the_same_tokenizer(tok, hf_tokenizer):
+    assert (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id) == (1, 2, 0)
+    assert len(hf_tokenizer) == tok.vocab_size
+    rng = random.Random(3)
+    for text in TEXTS + [random_text(rng, 40) for _ in range(30)]:
+        ids = tok.encode(text)
+        assert hf_tokenizer.encode(text, add_special_tokens=False) == ids
+        assert hf_tokenizer.decode(ids) == text
+
+
+def test_unknown_role_and_bad_messages(tok):
+    with pytest.raises(ValueError, match="unknown role 'tool'"):
+        tok.apply_chat_template([{"role": "tool", "content": "x"}])
+    with pytest.raises(ValueError, match="content must be a string"):
+        tok.apply_chat_template([{"role": "user", "content": None}])
+    with pytest.raises(ValueError, match="'role' and 'content'"):
+        tok.encode_chat([{"content": "x"}])
+    from jinja2 import TemplateError
+    with pytest.raises(TemplateError, match="unknown role"):  # the template itself refuses too (for transformers)
+        tk.compile_chat_template(CHAT_TEMPLATE).render(messages=[{"role": "tool", "content": "x"}])
+
+
+def reference_assistant_mask(tok, messages):
+    """Independent mask: tokenize the whole rendered string, locate each assistant reply (content + <|im_end|>) by
+    character position, and mark the tokens that start inside a reply (the library's own character offsets)."""
+    text = chatml(messages)
+    spans, pos = [], 0
+    for m in messages:
+        start = pos + len(f"<|im_start|>{m['role']}\n")
+        end = start + len(m["content"]) + len(EOS_TOKEN)
+        if m["role"] == "assistant":
+            spans.append((start, end))
+        pos = end + 1
+    encoding = tok.tokenizer.encode(text, add_special_tokens=False)
+    mask = [any(a <= first < b for a, b in spans) for first, _ in encoding.offsets]
+    return encoding.ids, mask
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS[:3])
+def test_encode_chat_mask_matches_reference(tok, messages):
+    assert tok.encode_chat(messages) == reference_assistant_mask(tok, messages)
+
+
+def test_encode_chat_on_built_in_sft_data(tok):
+    from zer02llm.corpus import builtin_records
+
+    for record in list(builtin_records(0, 0.02)["sft"])[:150]:
+        messages = record["conversations"]
+        ids, mask = tok.encode_chat(messages)
+        assert (ids, mask) == reference_assistant_mask(tok, messages)
+        assert ids == tok.encode(tok.apply_chat_template(messages))
+        learned = tok.decode([i for i, m in zip(ids, mask) if m])
+        assert learned == "".join(m["content"] + EOS_TOKEN for m in messages if m["role"] == "assistant")
+
+
+def test_encode_chat_first_reply_token_is_learned(tok):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
+    ids, mask = tok.encode_chat(messages)
+    prompt = tok.encode(chatml(messages[:1], add_generation_prompt=True))
+    assert mask[:len(prompt)] == [False] * len(prompt)
+    assert mask[len(prompt)] is True and ids[len(prompt)] == tok.encode("Hello there")[0]
+    assert ids[-2:] == [tok.eos_id, tok.encode("\n")[0]] and mask[-2:] == [True, False]
+
+
+# ---- training, saving, loading ---------------------------------------------------------------------------------
+
+def _content(folder):
+    """What decides tokenization, independent of how a `tokenizers` version lays out its JSON."""
+    saved = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in saved["model"]["merges"]]
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    return saved["model"]["vocab"], merges, saved["added_tokens"], saved["pre_tokenizer"], config
+
+
+def test_command_line_reproduces_the_shipped_tokenizer(tmp_path, capsys):
+    tk.main(["--train", "--out", str(tmp_path)])
+    assert _content(tmp_path) == _content(default_tokenizer_dir()), (
+        "the shipped tokenizer is not what the built-in corpus trains: run python -m zer02llm.tokenizer --train")
+    assert "saved" in capsys.readouterr().out
+
+
+def test_training_on_a_jsonl_file_and_specials_are_not_learned(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"<|im_start|>hello world {i}<|im_end|>"}) + "\n" for i in range(50)),
+                    encoding="utf-8")
+    trained = tk.main(["--train", "--data", str(data), "--vocab_size", "300", "--out", str(tmp_path / "t")])
+    merges = json.loads(trained.tokenizer.to_str())["model"]["merges"]
+    assert not any("|" in a + b for a, b in merges), "merges learned from the special tokens' text"
+    assert load_tokenizer(tmp_path / "t").encode("hello world") == trained.encode("hello world")
+
+
+def test_training_is_deterministic_and_validates():
+    texts = ["the cat sat on the mat", "the dog sat on the log"] * 20
+    a, b = train_tokenizer(texts, 300), train_tokenizer(texts, 300)
+    assert a.tokenizer.to_str() == b.tokenizer.to_str() and a.fingerprint == b.fingerprint
+    assert a.fingerprint != load_tokenizer().fingerprint
+    with pytest.raises(ValueError, match="at least 259"):
+        train_tokenizer(texts, 100)
+
+
+def test_save_and_load(tmp_path, tok):
+    folder = tok.save(tmp_path / "t")
+    assert sorted(p.name for p in folder.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config["chat_template"] == CHAT_TEMPLATE and config["bos_token"] == BOS_TOKEN
+    again = load_tokenizer(folder)
+    assert again.fingerprint == tok.fingerprint and again.encode(TEXTS[2]) == tok.encode(TEXTS[2])
+
+
+def test_load_tokenizer_paths(tmp_path, monkeypatch, tok):
+    monkeypatch.chdir(tmp_path)
+    assert load_tokenizer("model/zer02llm_tokenizer").fingerprint == tok.fingerprint  # seed path, absent: default
+    small = train_tokenizer(["abc abd abe"] * 10, 270)
+    small.save(tmp_path / "model" / "zer02llm_tokenizer")
+    assert load_tokenizer("model/zer02llm_tokenizer").fingerprint == small.fingerprint  # seed path, present: used
+    with pytest.raises(FileNotFoundError, match="no such tokenizer folder"):
+        load_tokenizer(tmp_path / "elsewhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        load_tokenizer(tmp_path / "empty")
+
+
+def test_config_tokens_as_added_token_dicts(tmp_path, tok):
+    folder = tok.save(tmp_path / "t")
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["eos_token"] = {"content": EOS_TOKEN, "special": True}
+    del config["chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    again = load_tokenizer(folder)
+    assert again.eos_id == 2 and again.chat_template == CHAT_TEMPLATE
+
+
+def test_rejects_tokenizers_that_are_not_byte_level():
+    word_level = Tokenizer(models.WordLevel({"a": 0, PAD_TOKEN: 1, BOS_TOKEN: 2, EOS_TOKEN: 3}, unk_token="a"))
+    with pytest.raises(ValueError, match="byte-level"):
+        ChatTokenizer(word_level)
+
+
+def test_missing_special_token():
+    plain = train_tokenizer(["abc"] * 5, 262)
+    with pytest.raises(ValueError, match="no special token"):
+        ChatTokenizer(plain.tokenizer, bos_token="<s>")
+
+
+def test_help_without_train(capsys):
+    assert tk.main([]) is None
+    assert "--train" in capsys.readouterr().out
