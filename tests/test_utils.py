@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from zer02llm.utils import atomic_save, get_device, seed_everything
+from zer02llm.utils import atomic_open, atomic_save, get_device, seed_everything
 
 
 def test_device_order(monkeypatch):
@@ -43,3 +43,16 @@ def test_atomic_save_failure_keeps_the_old_file(tmp_path):
         atomic_save({"v": Unpicklable()}, target)
     assert torch.load(target, weights_only=True) == {"v": 1}
     assert os.listdir(tmp_path) == ["c.pth"]
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    """mkstemp creates 0600 files; a checkpoint or data set must be readable like any other file."""
+    mask = os.umask(0o022)
+    try:
+        p = atomic_save({"v": 1}, tmp_path / "c.pth")
+        with atomic_open(tmp_path / "t.txt") as f:
+            f.write("héllo\n")
+    finally:
+        os.umask(mask)
+    assert (p.stat().st_mode & 0o777) == 0o644
+    assert (tmp_path / "t.txt").read_text(encoding="utf-8") == "héllo\n"

@@ -12,10 +12,10 @@ __all__ = ['TOWNS', 'RIVERS', 'LANDS', 'FOODS', 'FIRST_NAMES', 'LAST_NAMES', 'JO
            'IDENTITY_REPLIES', 'SYSTEM_PROMPTS', 'DEFAULT_SIZE_MB', 'SFT_SHARE', 'FILES', 'ROLES', 'HUB_SOURCES',
            'STORY_SEPARATOR', 'Fact', 'World', 'make_world', 'state', 'ask', 'reply', 'town_page', 'person_page',
            'question_page', 'make_story', 'arithmetic', 'math_page', 'sft_conversation', 'eval_questions',
-           'answer_matches', 'pretrain_records', 'sft_records', 'take_bytes', 'atomic_open', 'write_jsonl',
-           'builtin_records', 'write_builtin_dataset', 'JsonlError', 'JsonlLine', 'check_text', 'check_messages',
-           'check_conversation', 'iter_jsonl', 'hub_download', 'read_stories', 'story_to_conversation',
-           'convert_tinystories', 'convert_minimind', 'download_dataset', 'main']
+           'answer_matches', 'pretrain_records', 'sft_records', 'take_bytes', 'write_jsonl', 'builtin_records',
+           'write_builtin_dataset', 'JsonlError', 'JsonlLine', 'check_text', 'check_messages', 'check_conversation',
+           'iter_jsonl', 'hub_download', 'read_stories', 'story_to_conversation', 'convert_tinystories',
+           'convert_minimind', 'download_dataset', 'main']
 
 # %% ../notebooks/07a_corpus.ipynb #imports
 import argparse
@@ -23,11 +23,11 @@ import json
 import os
 import random
 import re
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
+
+from .utils import atomic_open
 
 # %% ../notebooks/07a_corpus.ipynb #world
 TOWNS = ["Korvel", "Amberly", "Brisco", "Dunhallow", "Elmsworth", "Fennick", "Garrow", "Hollin", "Ivesby", "Jessop",
@@ -333,24 +333,6 @@ def take_bytes(records: Iterable[dict], size_bytes: int) -> Iterator[dict]:
         total += len(_json_line(record).encode("utf-8"))
         if total >= size_bytes:
             return
-
-
-@contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w"):
-    """Open a temporary file beside `path`; rename it onto `path` only if the block finishes without error."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": "\n"})) as f:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it a normal file's permissions
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:

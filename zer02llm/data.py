@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .corpus import atomic_open, check_conversation, check_text, iter_jsonl
+from .corpus import check_conversation, check_text, iter_jsonl
+from .utils import atomic_open
 
 # %% ../notebooks/07c_data.ipynb #cache
 IGNORE_INDEX = -100

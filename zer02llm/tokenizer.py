@@ -25,7 +25,8 @@ from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .corpus import DEFAULT_SIZE_MB, atomic_open, builtin_records, check_messages, check_text, iter_jsonl
+from .corpus import DEFAULT_SIZE_MB, builtin_records, check_messages, check_text, iter_jsonl
+from .utils import atomic_open
 
 # %% ../notebooks/07b_tokenizer.ipynb #bytes-to-unicode
 def bytes_to_unicode() -> dict[int, str]:
