@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the kernel inherits it; see conftest.py
+
 import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError

@@ -1,0 +1,413 @@
+"""LLM: structure, initialisation, forward against a naive reference, loss, KV cache, masks, generation, checkpoints."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zer02llm.attention import KVCache
+from zer02llm.config import LLMconfig
+from zer02llm.model import LLM, Block, LLMOutput, lm_loss, read_checkpoint
+
+ATOL = 1e-5  # float32
+
+
+def tiny(seed=0, **kw) -> LLM:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    cfg.update(kw)
+    return LLM(LLMconfig(**cfg)).eval()
+
+
+def ids(b, t, vocab=97, seed=1):
+    return torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- naive reference (independent of the package)
+def _rms(x, w, eps):
+    return w * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rope(x, pos, theta):  # x (T, d); the half-split layout
+    d = x.shape[-1]
+    inv = torch.tensor([1.0 / theta ** (2 * i / d) for i in range(d // 2)], dtype=torch.float64)
+    ang = pos[:, None].double() * inv[None]
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1).float(), torch.cat([ang.sin(), ang.sin()], -1).float()
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def _swiglu(x, ffn):
+    return ffn.down_proj.weight @ (F.silu(ffn.gate_proj.weight @ x) * (ffn.up_proj.weight @ x))
+
+
+def naive_logits(model: LLM, seq: torch.Tensor) -> torch.Tensor:
+    """One sequence (T,), loops over heads, tokens and experts; returns (T, V)."""
+    c = model.config
+    T, hd = seq.shape[0], c.head_dim
+    x = model.embed_tokens.weight[seq]
+    pos = torch.arange(T)
+    for layer in model.layers:
+        a = layer.self_attn
+        h = _rms(x, layer.input_layernorm.weight, c.norm_eps)
+        q = (h @ a.q_proj.weight.T).view(T, c.n_heads, hd)
+        k = (h @ a.k_proj.weight.T).view(T, c.n_kv_heads, hd)
+        v = (h @ a.v_proj.weight.T).view(T, c.n_kv_heads, hd)
+        heads = []
+        for i in range(c.n_heads):
+            j = i // (c.n_heads // c.n_kv_heads)
+            qi, kj = _rope(q[:, i], pos, c.rope_theta), _rope(k[:, j], pos, c.rope_theta)
+            s = qi @ kj.T / math.sqrt(hd) + torch.triu(torch.full((T, T), float("-inf")), 1)
+            heads.append(torch.softmax(s, -1) @ v[:, j])
+        x = x + torch.cat(heads, -1) @ a.o_proj.weight.T
+        h = _rms(x, layer.post_attention_layernorm.weight, c.norm_eps)
+        if not c.use_moe:
+            x = x + torch.stack([_swiglu(t, layer.mlp) for t in h])
+            continue
+        rows = []
+        for t in h:
+            p = torch.softmax(layer.mlp.gate.weight @ t, -1)
+            w, e = torch.topk(p, c.num_experts_per_tok)
+            if c.norm_topk_prob:
+                w = w / w.sum()
+            y = sum(wi * _swiglu(t, layer.mlp.experts[int(ei)]) for wi, ei in zip(w, e))
+            y = y + sum((_swiglu(t, s) for s in layer.mlp.shared_experts), torch.zeros_like(t))
+            rows.append(y)
+        x = x + torch.stack(rows)
+    return _rms(x, model.norm.weight, c.norm_eps) @ model.lm_head.weight.T
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        dict(n_kv_heads=None, tie_word_embeddings=False, rope_theta=1e4),
+        dict(dim=60, n_heads=5, n_kv_heads=1, hidden_dim=100),
+        dict(use_moe=True, n_shared_experts=1),
+        dict(use_moe=True, n_shared_experts=0, norm_topk_prob=False, n_routed_experts=3, num_experts_per_tok=1),
+    ],
+)
+def test_forward_matches_naive_reference(kw):
+    model = tiny(**kw)
+    x = ids(2, 11)
+    with torch.no_grad():
+        logits = model(x).logits
+        for b in range(2):
+            torch.testing.assert_close(logits[b], naive_logits(model, x[b]), atol=ATOL, rtol=ATOL)
+
+
+# ---------------------------------------------------------------- structure and initialisation
+def test_output_type_and_block():
+    model = tiny()
+    out = model(ids(1, 5))
+    assert isinstance(out, LLMOutput) and out.logits.shape == (1, 5, 97) and out.loss is None
+    assert out.aux_loss.item() == 0 and out.kv_caches is None
+    assert all(isinstance(b, Block) for b in model.layers) and len(model.layers) == 2
+
+
+def test_tied_and_untied_parameter_counts():
+    tied, untied = tiny(), tiny(tie_word_embeddings=False)
+    assert tied.lm_head.weight is tied.embed_tokens.weight
+    assert untied.lm_head.weight is not untied.embed_tokens.weight
+    assert untied.num_parameters() - tied.num_parameters() == 97 * 64
+    assert tied.num_parameters() == sum(p.numel() for p in set(tied.parameters()))
+
+
+def test_default_model_is_about_26m():
+    torch.manual_seed(0)
+    n = LLM(LLMconfig()).num_parameters()
+    assert 25e6 < n < 27e6
+
+
+def test_moe_active_parameters():
+    m = tiny(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1)
+    per_expert = sum(p.numel() for p in m.layers[0].mlp.experts[0].parameters())
+    assert m.num_parameters() - m.num_parameters(active_only=True) == 2 * 2 * per_expert
+    dense = tiny()
+    assert dense.num_parameters(active_only=True) == dense.num_parameters()
+
+
+def test_rope_tables_are_non_persistent_buffers():
+    m = tiny()
+    assert m.rope_cos.shape == (64, 16) and "rope_cos" not in m.state_dict()
+    assert "rope_cos" in dict(m.named_buffers())
+
+
+def test_initialisation_statistics():
+    torch.manual_seed(0)
+    m = LLM(LLMconfig(dim=256, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=2000, use_moe=True))
+    assert abs(m.embed_tokens.weight.std().item() - 0.02) < 1e-3
+    assert abs(m.layers[0].self_attn.q_proj.weight.std().item() - 0.02) < 1e-3
+    scaled = 0.02 / math.sqrt(16)
+    assert abs(m.layers[3].self_attn.o_proj.weight.std().item() - scaled) < 3e-4
+    assert abs(m.layers[3].mlp.experts[1].down_proj.weight.std().item() - scaled) < 3e-4
+    assert abs(m.layers[3].mlp.shared_experts[0].down_proj.weight.std().item() - scaled) < 3e-4
+    assert abs(m.layers[0].mlp.gate.weight.std().item() - 0.02) < 2e-3
+    assert torch.equal(m.norm.weight, torch.ones(256))
+
+
+def test_loss_at_init_is_about_ln_vocab():
+    torch.manual_seed(0)
+    m = LLM(LLMconfig(vocab_size=2000, dim=128, n_layers=2, n_heads=4))
+    x = ids(4, 64, vocab=2000)
+    with torch.no_grad():
+        loss = m(x, labels=x).loss.item()
+    assert abs(loss - math.log(2000)) < 0.3
+
+
+def test_bad_config_type():
+    with pytest.raises(TypeError, match="LLMconfig"):
+        LLM({"dim": 64})
+
+
+# ---------------------------------------------------------------- loss
+def test_loss_shift_and_ignore_index():
+    m = tiny()
+    x = ids(3, 12)
+    labels = x.clone()
+    labels[0, :5] = -100
+    labels[2, 7] = -100
+    with torch.no_grad():
+        out = m(x, labels=labels)
+        logits = out.logits
+    terms = [-torch.log_softmax(logits[b, t], -1)[labels[b, t + 1]] for b in range(3) for t in range(11) if labels[b, t + 1] != -100]
+    torch.testing.assert_close(out.loss, torch.stack(terms).mean(), atol=ATOL, rtol=ATOL)
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(lm_loss(logits, labels), ref, atol=ATOL, rtol=ATOL)
+
+
+def test_all_ignored_labels_give_zero_not_nan():
+    m = tiny()
+    x = ids(1, 6)
+    assert m(x, labels=torch.full_like(x, -100)).loss.item() == 0.0
+
+
+def test_moe_aux_loss_is_added_and_exposed():
+    m = tiny(use_moe=True).train()
+    x = ids(2, 16)
+    out = m(x, labels=x)
+    assert out.aux_loss.item() > 0
+    torch.testing.assert_close(out.loss, lm_loss(out.logits, x) + out.aux_loss)
+    out.loss.backward()
+    assert m.layers[0].mlp.gate.weight.grad is not None and m.embed_tokens.weight.grad.abs().sum() > 0
+
+
+def test_forward_errors():
+    m = tiny()
+    with pytest.raises(ValueError, match="exceed max_seq_len=64"):
+        m(ids(1, 65))
+    with pytest.raises(ValueError, match=r"\(batch, seq_len\)"):
+        m(ids(1, 5)[0])
+    with pytest.raises(ValueError, match="pass the kv_caches"):
+        m(ids(1, 5), start_pos=3)
+    with pytest.raises(ValueError, match="one KVCache per layer"):
+        m(ids(1, 5), kv_caches=[KVCache(1, 2, 64, 16)])
+    with pytest.raises(ValueError, match="labels must have the shape"):
+        m(ids(1, 5), labels=ids(1, 4))
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        m(ids(1, 5), attention_mask=torch.ones(1, 4))
+
+
+# ---------------------------------------------------------------- cache, logits_to_keep, masks
+def test_logits_to_keep():
+    m = tiny()
+    x = ids(2, 9)
+    with torch.no_grad():
+        full = m(x).logits
+        torch.testing.assert_close(m(x, logits_to_keep=1).logits, full[:, -1:], atol=ATOL, rtol=ATOL)
+        torch.testing.assert_close(m(x, logits_to_keep=3).logits, full[:, -3:], atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(use_moe=True)])
+def test_kv_cache_continuation_equals_full_forward(kw):
+    m = tiny(**kw)
+    x = ids(2, 20)
+    caches = [KVCache(2, 2, 64, 16) for _ in m.layers]
+    with torch.no_grad():
+        full = m(x).logits
+        parts = [m(x[:, :8], kv_caches=caches).logits, m(x[:, 8:13], kv_caches=caches, start_pos=8).logits]
+        parts += [m(x[:, t:t + 1], kv_caches=caches, start_pos=t).logits for t in range(13, 20)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=ATOL, rtol=ATOL)
+
+
+def test_left_padding_mask_gives_each_sequence_its_own_logits():
+    m = tiny()
+    a, b = ids(1, 6, seed=2)[0], ids(1, 10, seed=3)[0]
+    batch = torch.stack([torch.cat([torch.zeros(4, dtype=torch.long), a]), b])
+    mask = torch.tensor([[0] * 4 + [1] * 6, [1] * 10])
+    with torch.no_grad():
+        out = m(batch, attention_mask=mask).logits
+        torch.testing.assert_close(out[0, 4:], m(a[None]).logits[0], atol=ATOL, rtol=ATOL)
+        torch.testing.assert_close(out[1], m(b[None]).logits[0], atol=ATOL, rtol=ATOL)
+        assert torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------- generation
+def greedy_naive(m, x, n, penalty=1.0):
+    """Full re-forward every step; the CTRL penalty computed with gather/scatter over the sequence."""
+    with torch.no_grad():
+        for _ in range(n):
+            logits = m(x).logits[:, -1]
+            if penalty != 1.0:
+                s = logits.gather(1, x)
+                logits = logits.scatter(1, x, torch.where(s > 0, s / penalty, s * penalty))
+            x = torch.cat([x, logits.argmax(-1, keepdim=True)], 1)
+    return x
+
+
+@pytest.mark.parametrize("kw", [{}, dict(use_moe=True, n_shared_experts=1), dict(n_kv_heads=None, tie_word_embeddings=False)])
+def test_greedy_with_cache_equals_full_reforward(kw):
+    m = tiny(**kw)
+    x = ids(2, 7)
+    torch.testing.assert_close(m.generate(x, max_new_tokens=25, temperature=0), greedy_naive(m, x, 25), atol=0, rtol=0)
+
+
+def test_repetition_penalty_in_the_loop():
+    m = tiny()
+    x = ids(2, 7)
+    out = m.generate(x, max_new_tokens=15, temperature=0, repetition_penalty=1.8)
+    assert torch.equal(out, greedy_naive(m, x, 15, penalty=1.8))
+
+
+def test_left_padded_batch_equals_each_sequence_alone():
+    m = tiny()
+    a, b = ids(1, 5, seed=4)[0], ids(1, 9, seed=5)[0]
+    batch = torch.stack([torch.cat([torch.full((4,), 7), a]), b])
+    mask = torch.tensor([[0] * 4 + [1] * 5, [1] * 9])
+    out = m.generate(batch, max_new_tokens=12, temperature=0, attention_mask=mask)
+    assert torch.equal(out[0, 9:], m.generate(a, max_new_tokens=12, temperature=0)[5:])
+    assert torch.equal(out[1, 9:], m.generate(b, max_new_tokens=12, temperature=0)[9:])
+
+
+def test_one_dimensional_prompt_and_zero_new_tokens():
+    m = tiny()
+    x = ids(1, 5)[0]
+    out = m.generate(x, max_new_tokens=4, temperature=0)
+    assert out.shape == (9,) and torch.equal(out[:5], x)
+    assert torch.equal(m.generate(x, max_new_tokens=0), x)
+
+
+def test_seeded_sampling_is_reproducible():
+    m = tiny()
+    x = ids(3, 4)
+    run = lambda seed: m.generate(x, 20, temperature=1.2, top_k=40, top_p=0.95, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_eos_stops_each_sequence_and_fills():
+    m = tiny()
+    x = ids(2, 6)
+    free = m.generate(x, max_new_tokens=20, temperature=0)
+    eos = int(free[0, 8])  # sequence 0 emits it at new-token index 2 (or earlier)
+    out = m.generate(x, max_new_tokens=20, temperature=0, eos_token_id=[eos, 96])
+    first = int((free[0, 6:] == eos).nonzero()[0])
+    assert torch.equal(out[0, 6:6 + first + 1], free[0, 6:6 + first + 1])
+    assert (out[0, 6 + first:] == eos).all()
+    for row_out, row_free in zip(out, free):  # until it finishes, each sequence is unchanged
+        hits = torch.isin(row_free[6:], torch.tensor([eos, 96])).nonzero()
+        stop = int(hits[0]) + 1 if len(hits) else 20
+        assert torch.equal(row_out[6:6 + stop], row_free[6:6 + stop])
+    single = m.generate(x[:1], max_new_tokens=20, temperature=0, eos_token_id=eos)
+    assert single.shape[1] == 6 + first + 1  # stops as soon as every sequence has finished
+
+
+def test_stream_generate_yields_the_same_tokens():
+    m = tiny()
+    x = ids(2, 5)
+    steps = list(m.stream_generate(x, max_new_tokens=10, temperature=0))
+    assert len(steps) == 10 and all(s.shape == (2,) for s in steps)
+    assert torch.equal(torch.stack(steps, 1), m.generate(x, max_new_tokens=10, temperature=0)[:, 5:])
+    assert torch.equal(torch.stack(list(m.generate(x, 10, temperature=0, stream=True)), 1), torch.stack(steps, 1))
+
+
+def test_generate_output_is_an_ordinary_tensor():
+    m = tiny()
+    out = m.generate(ids(1, 4), max_new_tokens=3, temperature=0)
+    assert not out.requires_grad and not out.is_inference()
+    m.train()
+    m(out, labels=out).loss.backward()  # usable for training afterwards
+
+
+def test_generate_in_bfloat16():
+    m = tiny().to(torch.bfloat16)
+    out = m.generate(ids(2, 4), max_new_tokens=5, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 9)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda m: m.generate(ids(1, 60), max_new_tokens=10), ValueError, r"prompt \(60 tokens\) \+ max_new_tokens \(10\) = 70 exceeds max_seq_len=64"),
+        (lambda m: m.generate(ids(1, 4), max_new_tokens=-1), ValueError, "max_new_tokens must be an int >= 0"),
+        (lambda m: m.generate(torch.zeros(1, 0, dtype=torch.long), 5), ValueError, "prompt is empty"),
+        (lambda m: m.generate(torch.tensor([[5, 200]]), 5), ValueError, r"token ids must be in \[0, 97\)"),
+        (lambda m: m.generate(torch.rand(1, 4), 5), ValueError, "tensor of token ids"),
+        (lambda m: m.generate([1, 2, 3], 5), TypeError, "torch.Tensor"),
+        (lambda m: m.generate(ids(2, 4), attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]), max_new_tokens=5), ValueError, "LEFT padding"),
+        (lambda m: m.generate(ids(2, 4), attention_mask=torch.ones(2, 3), max_new_tokens=5), ValueError, "shape of input_ids"),
+        (lambda m: m.generate(ids(1, 4), 5, temperature=-1), ValueError, "temperature"),
+        (lambda m: m.generate(ids(1, 4), 5, top_p=0), ValueError, "top_p"),
+        (lambda m: m.generate(ids(1, 4), 5, eos_token_id=500), ValueError, "eos_token_id"),
+    ],
+)
+def test_generate_errors_are_raised_at_the_call(call, error, message):
+    with pytest.raises(error, match=message):
+        call(tiny())
+
+
+def test_quick_start_runs_as_written():
+    torch.manual_seed(0)
+    config = LLMconfig(vocab_size=32000, dim=512, n_layers=6, n_heads=8, max_seq_len=2048)
+    model = LLM(config)
+    input_ids = torch.randint(0, 32000, (1, 8))
+    output = model.generate(input_ids, max_new_tokens=100, temperature=0.7, top_p=0.9)
+    assert output.shape == (1, 108) and torch.equal(output[:, :8], input_ids)
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip(tmp_path):
+    m = tiny(use_moe=True, tie_word_embeddings=False)
+    path = m.save_checkpoint(tmp_path / "sub" / "ckpt.pth")
+    assert [p.name for p in path.parent.iterdir()] == ["ckpt.pth"]  # atomic: no temporary file left behind
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) == {"config", "model"} and raw["config"] == m.config.to_dict()
+    again = LLM.from_checkpoint(path)
+    x = ids(2, 8)
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, m(x).logits)
+    fresh = tiny(seed=9, use_moe=True, tie_word_embeddings=False, dropout=0.1, max_seq_len=32)  # runtime fields may differ
+    fresh.load_checkpoint(path)
+    assert torch.equal(fresh.eval()(x).logits, m(x).logits)
+
+
+def test_checkpoint_with_extra_keys_and_tied_weights(tmp_path):
+    m = tiny()
+    torch.save({"config": m.config.to_dict(), "model": m.state_dict(), "step": 10, "optimizer": {}}, tmp_path / "c.pth")
+    again = LLM.from_checkpoint(tmp_path / "c.pth")
+    assert again.lm_head.weight is again.embed_tokens.weight
+    assert read_checkpoint(tmp_path / "c.pth")["step"] == 10
+
+
+def test_checkpoint_errors(tmp_path):
+    m = tiny()
+    good = m.save_checkpoint(tmp_path / "good.pth")
+    with pytest.raises(ValueError, match=r"different architecture \(n_layers: model 3, checkpoint 2\)"):
+        tiny(n_layers=3).load_checkpoint(good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:500])
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        LLM.from_checkpoint(truncated)
+    with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+        LLM.from_checkpoint(tmp_path / "missing.pth")
+    torch.save(m.state_dict(), tmp_path / "bare.pth")
+    with pytest.raises(ValueError, match="not a zer02llm checkpoint"):
+        LLM.from_checkpoint(tmp_path / "bare.pth")
+    torch.save({"config": {**m.config.to_dict(), "n_head": 4}, "model": m.state_dict()}, tmp_path / "badcfg.pth")
+    with pytest.raises(ValueError, match="stored config is invalid"):
+        LLM.from_checkpoint(tmp_path / "badcfg.pth")
+    sd = m.state_dict()
+    sd.pop("norm.weight")
+    torch.save({"config": m.config.to_dict(), "model": sd}, tmp_path / "missing_key.pth")
+    with pytest.raises(ValueError, match="weights do not fit"):
+        LLM.from_checkpoint(tmp_path / "missing_key.pth")
