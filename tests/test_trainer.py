@@ -1,0 +1,271 @@
+"""The training loop (zer02llm.trainer): schedule, parameter groups, AMP helpers, data order, accumulation,
+checkpoints, exact resume, and the errors a broken run must give. Tiny models; the whole file runs in seconds."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Dataset, Subset
+
+from zer02llm.config import LLMconfig
+from zer02llm.model import LLM
+from zer02llm.trainer import (TrainConfig, Trainer, autocast_context, checkpoint_path, configure_optimizer,
+                              default_dtype, epoch_loader, get_lr, make_grad_scaler, param_groups, resume_path,
+                              split_train_val)
+from zer02llm.utils import seed_everything
+
+VOCAB = 64
+
+
+class RandomBlocks(Dataset):
+    """(input_ids, labels) blocks of random tokens with some structure (every token repeats), so losses fall."""
+
+    def __init__(self, n: int = 96, seq_len: int = 16, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        half = torch.randint(0, VOCAB, (n, seq_len // 2), generator=g)
+        self.x = half.repeat_interleave(2, dim=1)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.x[i].clone()
+
+
+def tiny_model(seed: int = 0, **kw) -> LLM:
+    seed_everything(seed)
+    return LLM(LLMconfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=16, **kw))
+
+
+# ---- schedule -----------------------------------------------------------------------------------------------
+def test_lr_schedule_warmup_cosine_floor():
+    S, lr, w = 100, 1e-3, 10
+    assert get_lr(0, S, lr, w) == pytest.approx(lr / w)
+    assert get_lr(w - 1, S, lr, w) == pytest.approx(lr)  # warmup ends at the peak
+    assert get_lr(w, S, lr, w) == pytest.approx(lr)
+    mid = w + (S - w) // 2
+    assert get_lr(mid, S, lr, w) == pytest.approx(0.1 * lr + 0.5 * 0.9 * lr * (1 + math.cos(math.pi * 0.5)))
+    assert get_lr(S, S, lr, w) == pytest.approx(0.1 * lr)
+    assert get_lr(10 * S, S, lr, w) == pytest.approx(0.1 * lr)
+    assert get_lr(0, S, lr, 0) == pytest.approx(lr)  # no warmup: start at the peak
+    values = [get_lr(s, S, lr, w) for s in range(w, S)]
+    assert all(a >= b for a, b in zip(values, values[1:])), "the cosine part must not increase"
+
+
+# ---- optimizer ----------------------------------------------------------------------------------------------
+def test_param_groups_decay_matrices_only():
+    model = tiny_model()
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert all("norm" in names[id(p)] for p in no_decay["params"])
+    assert any(names[id(p)] == "embed_tokens.weight" for p in decay["params"])  # embeddings are decayed
+    n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert n == model.num_parameters()  # the tied embedding / LM head counted once
+
+
+def test_param_groups_skip_frozen_and_reject_all_frozen():
+    model = tiny_model()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.norm.weight.requires_grad_(True)
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["params"] == [] and no_decay["params"] == [model.norm.weight]
+    model.norm.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        configure_optimizer(model, 1e-3)
+
+
+# ---- mixed precision ----------------------------------------------------------------------------------------
+def test_autocast_and_scaler_choices():
+    lin = torch.nn.Linear(4, 4)
+    with autocast_context("cpu", "float32"):
+        assert lin(torch.randn(2, 4)).dtype == torch.float32
+    with autocast_context("cpu", "bfloat16"):
+        assert lin(torch.randn(2, 4)).dtype == torch.bfloat16
+    assert lin.weight.dtype == torch.float32
+    assert [d for d in ("float32", "bfloat16", "float16") if make_grad_scaler(d, "cpu").is_enabled()] == ["float16"]
+    assert default_dtype("cpu") == "float32"
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        autocast_context("cpu", "float8")
+
+
+# ---- names and data order -----------------------------------------------------------------------------------
+def test_checkpoint_names():
+    assert checkpoint_path("out", "pretrain", 512) == Path("out/pretrain_512.pth")
+    assert checkpoint_path("out", "sft", 768, use_moe=True) == Path("out/sft_768_moe.pth")
+    assert resume_path(Path("out/sft_768_moe.pth")) == Path("out/sft_768_moe_resume.pth")
+
+
+def test_epoch_loader_order_skip_and_shards():
+    data = RandomBlocks(40)
+    ids = lambda loader: [tuple(b[0][:, 0].tolist()) for b in loader]
+    e0 = ids(epoch_loader(data, 4, epoch=0, seed=3))
+    assert e0 == ids(epoch_loader(data, 4, epoch=0, seed=3)), "an epoch's order depends only on (seed, epoch)"
+    assert e0 != ids(epoch_loader(data, 4, epoch=1, seed=3)), "set_epoch must reshuffle"
+    assert ids(epoch_loader(data, 4, epoch=0, seed=3, skip_batches=3)) == e0[3:]
+    # two ranks of 2 see, together, exactly what one rank of 4 sees (DDP == a bigger batch)
+    r0 = [b[0] for b in epoch_loader(data, 2, 0, seed=3, rank=0, world_size=2)]
+    r1 = [b[0] for b in epoch_loader(data, 2, 0, seed=3, rank=1, world_size=2)]
+    one = [b[0] for b in epoch_loader(data, 4, 0, seed=3)]
+    for a, b, big in zip(r0, r1, one):
+        assert sorted(map(tuple, torch.cat([a, b]).tolist())) == sorted(map(tuple, big.tolist()))
+
+
+def test_split_train_val():
+    train, val = split_train_val(RandomBlocks(10), 3)
+    assert list(train.indices) == list(range(7)) and list(val.indices) == [7, 8, 9]
+    with pytest.raises(ValueError, match="cannot hold out"):
+        split_train_val(RandomBlocks(10), 10)
+
+
+def test_train_config_validation():
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        TrainConfig(dtype="fp8")
+    with pytest.raises(ValueError, match="learning_rate"):
+        TrainConfig(learning_rate=0)
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainConfig(max_steps=0)
+
+
+# ---- the loop -----------------------------------------------------------------------------------------------
+def test_accumulation_equals_one_big_batch():
+    """2 micro-batches of 4 (loss / 2 each) must give the gradient, loss and update of one batch of 8."""
+    data = RandomBlocks(64)
+    runs = []
+    for batch, accum in ((8, 1), (4, 2)):
+        model = tiny_model()
+        history = Trainer(model, data, TrainConfig(batch_size=batch, accumulation_steps=accum, max_steps=1,
+                                                   learning_rate=1e-2, log_interval=1)).fit()
+        runs.append((history[-1], torch.cat([p.detach().flatten() for p in model.parameters()])))
+    (big, w_big), (acc, w_acc) = runs
+    assert acc["loss"] == pytest.approx(big["loss"], rel=1e-6)
+    assert acc["grad_norm"] == pytest.approx(big["grad_norm"], rel=1e-5)  # the same accumulated gradient
+    # Adam's first step is about lr * sign(g): where |g| is tiny, float rounding shows; 1e-4 = 1 % of lr
+    assert (w_big - w_acc).abs().max().item() < 1e-4
+
+
+def test_fit_learns_logs_and_saves(tmp_path):
+    records = []
+    model = tiny_model()
+    cfg = TrainConfig(batch_size=8, epochs=3, learning_rate=1e-2, warmup_iters=2, log_interval=5, eval_interval=10)
+    trainer = Trainer(model, RandomBlocks(80), cfg, val_data=RandomBlocks(16, seed=1), ckpt_path=tmp_path / "pretrain_32.pth",
+                      log=records.append)
+    history = trainer.fit()
+    assert trainer.steps_per_epoch == 10 and trainer.total_steps == 30 and trainer.epoch == 3
+    assert history == records
+    logs = [r for r in history if "loss" in r]
+    assert [r["step"] for r in logs] == [5, 10, 15, 20, 25, 30]
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "epoch"} <= set(logs[0])
+    vals = [r for r in history if "val_loss" in r]
+    assert [r["step"] for r in vals] == [0, 10, 20, 30]
+    assert vals[0]["val_loss"] == pytest.approx(math.log(VOCAB), abs=0.5)  # tied embeddings favour repeats at init
+    assert vals[-1]["val_loss"] < vals[0]["val_loss"] - 0.5
+    reloaded = LLM.from_checkpoint(tmp_path / "pretrain_32.pth")
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
+    assert all(v.dtype == torch.float32 for v in torch.load(tmp_path / "pretrain_32.pth", weights_only=True)["model"].values())
+    state = torch.load(resume_path(tmp_path / "pretrain_32.pth"), weights_only=True)
+    assert state["step"] == 30 and state["epoch"] == 3 and state["batch_in_epoch"] == 0
+
+
+class Killed(Exception):
+    pass
+
+
+def _run(folder, kill_at=None, resume=False, seed=0, accumulation_steps=2):
+    model = tiny_model(seed, dropout=0.1)  # dropout: the RNG state must be restored too
+    cfg = TrainConfig(batch_size=4, epochs=2, learning_rate=1e-2, warmup_iters=3, accumulation_steps=accumulation_steps,
+                      log_interval=1, save_interval=4, eval_interval=5)
+
+    def log(record):
+        if record["step"] == kill_at and "loss" in record:
+            raise Killed()
+
+    trainer = Trainer(model, RandomBlocks(40), cfg, val_data=RandomBlocks(8, seed=1), ckpt_path=Path(folder) / "m.pth", log=log)
+    if resume:
+        assert trainer.resume()
+    try:
+        trainer.fit()
+    except Killed:
+        return None
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in trainer.history]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    straight = _run(tmp_path / "a")
+    assert _run(tmp_path / "b", kill_at=7) is None  # dies after step 7; the last save was at step 4
+    assert torch.load(tmp_path / "b" / "m_resume.pth", weights_only=True)["step"] == 4
+    resumed = _run(tmp_path / "b", resume=True, seed=123)  # another init: everything must come from the file
+    assert resumed == straight  # bit-identical losses, learning rates, gradient norms, validation losses
+    assert [r["step"] for r in straight if "loss" in r][-1] == 10  # crossed an epoch boundary (5 steps per epoch)
+
+
+def test_resume_refuses_a_different_setup(tmp_path):
+    _run(tmp_path)
+    other = Trainer(tiny_model(dropout=0.1), RandomBlocks(40), TrainConfig(batch_size=4, accumulation_steps=2),
+                    ckpt_path=tmp_path / "m.pth")
+    other.raw_model.config.n_layers = 2  # pretend another architecture
+    with pytest.raises(ValueError, match="different model"):
+        other.resume()
+    other = Trainer(tiny_model(dropout=0.1), RandomBlocks(40), TrainConfig(batch_size=8), ckpt_path=tmp_path / "m.pth")
+    with pytest.raises(ValueError, match="batch_size=4"):
+        other.resume()
+    (tmp_path / "m_resume.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read the resume state"):
+        other.resume()
+    assert Trainer(tiny_model(), RandomBlocks(40), TrainConfig(batch_size=4), ckpt_path=tmp_path / "new.pth").resume() is False
+
+
+class NaNAfter(torch.nn.Module):
+    """Wraps a model; from the `bad_step`-th forward on, the loss is NaN."""
+
+    def __init__(self, model, bad_step):
+        super().__init__()
+        self.inner, self.calls, self.bad_step, self.config = model, 0, bad_step, model.config
+
+    def forward(self, input_ids, labels=None):
+        self.calls += 1
+        out = self.inner(input_ids, labels=labels)
+        if self.training and self.calls >= self.bad_step:
+            out.loss = out.loss * float("nan")
+        return out
+
+    def save_checkpoint(self, path):
+        return self.inner.save_checkpoint(path)
+
+
+def test_nan_loss_stops_without_touching_the_checkpoint(tmp_path):
+    model = NaNAfter(tiny_model(), bad_step=4)
+    cfg = TrainConfig(batch_size=8, max_steps=10, save_interval=2, learning_rate=1e-2)
+    trainer = Trainer(model, RandomBlocks(80), cfg, ckpt_path=tmp_path / "m.pth")
+    with pytest.raises(FloatingPointError, match="loss is nan .* at step 4"):
+        trainer.fit()
+    state = torch.load(tmp_path / "m_resume.pth", weights_only=True)
+    assert state["step"] == 2  # the last good save
+    assert all(torch.isfinite(v).all() for v in torch.load(tmp_path / "m.pth", weights_only=True)["model"].values())
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "no temporary file left behind"
+
+
+def test_too_little_data_and_float16_on_cpu(tmp_path):
+    with pytest.raises(ValueError, match="too few for one optimizer step"):
+        Trainer(tiny_model(), RandomBlocks(6), TrainConfig(batch_size=4, accumulation_steps=2))
+    model = tiny_model()
+    trainer = Trainer(model, RandomBlocks(32), TrainConfig(batch_size=8, max_steps=2, dtype="float16"),
+                      ckpt_path=tmp_path / "m.pth")
+    assert trainer.scaler.is_enabled()
+    history = trainer.fit()
+    assert all(math.isfinite(r["loss"]) for r in history)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay float32
+
+
+def test_only_trainable_parameters_move():
+    model = tiny_model()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("layers.0.self_attn"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    Trainer(model, RandomBlocks(32), TrainConfig(batch_size=8, max_steps=2, learning_rate=1e-2)).fit()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) != n.startswith("layers.0.self_attn"), n

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The main job: the course's whole pipeline on a CPU in a few minutes, on the built-in corpus.
+#   data (tiny world) -> pretrain a 1 M-parameter model -> SFT from it -> stream one chat answer
+# Everything goes to out/main/ (the data too, so a dataset/ of your own is never touched).
+# The same steps at full size on a GPU: drop the size flags (see README, "Training, chat and DDP").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. tools/install.sh
+unset MPLBACKEND
+
+WORK=out/main
+SIZE=(--dim 128 --n_layers 4 --n_heads 4 --n_kv_heads 2 --device cpu)
+RUN=(--batch_size 16 --accumulation_steps 1 --log_interval 20 --eval_interval 50 --save_interval 100 --out_dir "$WORK")
+
+echo "== 1/4 data: the built-in tiny-world corpus"
+python -m zer02llm.corpus --out "$WORK/dataset"
+
+echo "== 2/4 pretraining (200 steps of 16 x 128 tokens)"
+python zer02llm/train.py --mode pretrain --data_path "$WORK/dataset/pretrain_hq.jsonl" "${SIZE[@]}" "${RUN[@]}" \
+    --max_seq_len 128 --learning_rate 3e-3 --warmup_iters 20 --max_steps 200
+
+echo "== 3/4 supervised fine-tuning from $WORK/pretrain_128.pth (120 steps of 16 conversations)"
+python zer02llm/train.py --mode sft --data_path "$WORK/dataset/sft_data.jsonl" "${SIZE[@]}" "${RUN[@]}" \
+    --max_seq_len 64 --learning_rate 5e-4 --warmup_iters 10 --max_steps 120
+
+echo "== 4/4 chat"
+echo "user: Who are you?"
+printf "assistant: "
+python -m zer02llm.chat --checkpoint "$WORK/sft_128.pth" --prompt "Who are you?" --temperature 0 --max_new_tokens 48 --device cpu
