@@ -20,6 +20,8 @@ from .config import LLMconfig  # 06
 from .model import LLM, Block, LLMOutput
 from .generate import StreamDecoder, sample_next_token
 from .hf import export_hf, import_hf
+from .trainer import TrainConfig, Trainer, checkpoint_path, configure_optimizer, get_lr  # 08
+from .lora import LoRALinear, apply_lora, load_lora, merge_lora, save_lora  # 09
 
 # 07: imported on first use, so `python -m zer02llm.corpus` / `-m zer02llm.tokenizer` do not import themselves twice
 _LAZY = {"write_builtin_dataset": "corpus", "load_tokenizer": "tokenizer", "ChatTokenizer": "tokenizer",
