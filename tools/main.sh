@@ -23,7 +23,8 @@ echo "== 3/4 supervised fine-tuning from $WORK/pretrain_128.pth (120 steps of 16
 python zer02llm/train.py --mode sft --data_path "$WORK/dataset/sft_data.jsonl" "${SIZE[@]}" "${RUN[@]}" \
     --max_seq_len 64 --learning_rate 5e-4 --warmup_iters 10 --max_steps 120
 
-echo "== 4/4 chat"
-echo "user: Who are you?"
+echo "== 4/4 chat (streamed token by token)"
+echo "user: Tell me a short story."
 printf "assistant: "
-python -m zer02llm.chat --checkpoint "$WORK/sft_128.pth" --prompt "Who are you?" --temperature 0 --max_new_tokens 48 --device cpu
+python -m zer02llm.chat --checkpoint "$WORK/sft_128.pth" --prompt "Tell me a short story." \
+    --temperature 0 --repetition_penalty 1.2 --max_new_tokens 64 --device cpu
