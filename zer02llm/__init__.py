@@ -22,6 +22,7 @@ from .generate import StreamDecoder, sample_next_token
 from .hf import export_hf, import_hf
 from .trainer import TrainConfig, Trainer, checkpoint_path, configure_optimizer, get_lr  # 08
 from .lora import LoRALinear, apply_lora, load_lora, merge_lora, save_lora  # 09
+from .fast import compile_model  # 11
 
 # 07: imported on first use, so `python -m zer02llm.corpus` / `-m zer02llm.tokenizer` do not import themselves twice
 _LAZY = {"write_builtin_dataset": "corpus", "load_tokenizer": "tokenizer", "ChatTokenizer": "tokenizer",

@@ -112,7 +112,7 @@ class MoEFFN(nn.Module):
         order = flat_idx.argsort(stable=True)  # assignments grouped by expert
         token = order // topk_idx.shape[1]
         counts = torch.bincount(flat_idx, minlength=len(self.experts)).tolist()  # the one host sync
-        chunks = h[token].split(counts)  # contiguous per-expert slices (views)
+        chunks = h.index_select(0, token).split(counts)  # gathered, then contiguous per-expert slices (views)
         out = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])
         out = out * topk_weight.flatten()[order].unsqueeze(1)
         return torch.zeros_like(h).index_add_(0, token, out.to(h.dtype))  # .to: a no-op unless under autocast
