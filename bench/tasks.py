@@ -35,6 +35,13 @@ class TrainStep:
         self.extra = {"output_router_logits": True} if hf_moe else {}  # transformers adds its aux loss only when asked
         self.first_loss: float | None = None
 
+    def warm_up(self) -> None:
+        """Forward + backward on one sequence, no optimizer step: the first-call costs (thread pools, kernels) are
+        paid outside the timing, the weights stay as they were (see `first_loss`), and it costs 1/batch of a step."""
+        with torch.autocast(self.ids.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            self.model(input_ids=self.ids[:1], labels=self.ids[:1], **self.extra).loss.backward()
+        self.model.zero_grad(set_to_none=True)
+
     def __call__(self) -> float:
         device = self.ids.device
         _sync(device)
