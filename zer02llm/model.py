@@ -169,7 +169,8 @@ class LLM(nn.Module):
 
     def decode_weights(self) -> "DecodeWeights | None":
         """The weights laid out for `decode_step`, kept until a parameter changes; None where that lean step would not
-        compute exactly this model (a layer that is not a plain bias-free nn.Linear, e.g. LoRA; dropout while training)."""
+        compute exactly this model (a layer that is not a plain bias-free nn.Linear, e.g. LoRA; dropout while training)
+        or where it would not pay (weights off the CPU)."""
         return _decode_weights(self)
 
     def decode_step(self, weights: "DecodeWeights", token: torch.Tensor, pos: int, caches: Sequence[KVCache],
@@ -399,7 +400,10 @@ class DecodeWeights:
 
     @staticmethod
     def supports(model: "LLM") -> bool:
-        """True when `decode_step` computes exactly `model`: plain bias-free nn.Linear layers, no active dropout."""
+        """True when `decode_step` computes exactly `model` (plain bias-free nn.Linear layers, no active dropout) and
+        pays for its copy of the weights: on a CPU, where the (in, out) layout is what makes it fast."""
+        if model.lm_head.weight.device.type != "cpu":
+            return False
         linears = [model.lm_head]
         for block in model.layers:
             a, f = block.self_attn, block.mlp
