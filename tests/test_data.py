@@ -7,7 +7,6 @@ import pickle
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from zer02llm import data
 from zer02llm.corpus import JsonlError, write_builtin_dataset
@@ -147,9 +146,7 @@ def expected_sft(tok, prompt_then_replies, L):
         piece = tok.encode(text)
         ids += piece
         labels += piece if learned else [IGNORE_INDEX] * len(piece)
-    ids, labels = ids[:L], labels[:L]
-    pad = L - len(ids)
-    return ids + [tok.pad_id] * pad, labels + [IGNORE_INDEX] * pad
+    return ids[:L], labels[:L]
 
 
 def test_sft_single_turn_exact_mask(tok):
@@ -164,7 +161,7 @@ def test_sft_single_turn_exact_mask(tok):
     labelled = (y != IGNORE_INDEX).nonzero().flatten()
     assert tok.decode([x[labelled[0]].item()]) == "Korvel", "the first reply token must be learned"
     assert x[labelled[-1]].item() == tok.eos_id and y[labelled[-1] + 1].item() == IGNORE_INDEX
-    assert x.dtype == y.dtype == torch.long and x.shape == y.shape == (40,)
+    assert x.dtype == y.dtype == torch.long and x.shape == y.shape == (len(want_x),) and len(want_x) < 40
 
 
 def test_sft_multi_turn_with_system_exact_mask(tok):
@@ -186,10 +183,11 @@ def test_sft_truncation_keeps_labels_aligned(tok):
     messages = [{"role": "user", "content": "Tell me a story."},
                 {"role": "assistant", "content": "Mia had a red kite. She loved the red kite very much. " * 4}]
     full_x, full_y = encode_sft(tok, messages, 200)
-    n = int((full_x != tok.pad_id).sum())
+    n = len(full_x)
+    assert n < 200
     for L in (5, 12, 20, n - 1, n, n + 3):
         x, y = encode_sft(tok, messages, L)
-        assert x.shape == y.shape == (L,)
+        assert x.shape == y.shape == (min(L, n),)
         assert torch.equal(x[:min(L, n)], full_x[:min(L, n)]) and torch.equal(y[:min(L, n)], full_y[:min(L, n)])
         labelled = y != IGNORE_INDEX
         assert torch.equal(y[labelled], x[labelled])
@@ -247,79 +245,77 @@ def test_sft_on_built_in_data_labels_exactly_the_replies(built, tok):
         assert tok.decode(y[y != IGNORE_INDEX].tolist()) == replies
 
 
-# ---- loaders ----------------------------------------------------------------------------------------------------
+def test_sft_collate_pads_each_batch_to_its_longest_example(built, tok):
+    """Defect: every example was padded to max_seq_len (mean 58 real tokens of 512 on the built-in data)."""
+    ds = SFTDataset(built["sft"], tok, 512)
+    items = [ds[i] for i in range(8)]
+    x, y, mask = ds.collate(items)
+    longest = max(len(a) for a, _ in items)
+    assert x.shape == y.shape == mask.shape == (8, longest) and longest < 512
+    for row, (a, b) in enumerate(items):
+        n = len(a)
+        assert torch.equal(x[row, :n], a) and torch.equal(y[row, :n], b) and mask[row, :n].all()
+        assert (x[row, n:] == tok.pad_id).all() and (y[row, n:] == IGNORE_INDEX).all() and not mask[row, n:].any()
+    assert int(mask.sum()) == sum(len(a) for a, _ in items)
+
+
+# ---- the loader ---------------------------------------------------------------------------------------------------
 
 def _all_batches(loader):
-    return [(x.clone(), y.clone()) for x, y in loader]
+    return [tuple(t.clone() for t in batch) for batch in loader]
 
 
-def test_make_loader_shapes_and_seeded_shuffle(built, tok):
-    ds = PretrainDataset(built["pretrain"], tok, max_seq_len=32)
-    loader, sampler = make_loader(ds, batch_size=4, seed=0)
-    assert sampler is None and len(loader) == len(ds) // 4
-    batches = _all_batches(loader)
-    assert all(x.shape == (4, 32) and x.dtype == torch.long for x, _ in batches)
-    again = _all_batches(make_loader(ds, batch_size=4, seed=0)[0])
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
-    other = _all_batches(make_loader(ds, batch_size=4, seed=1)[0])
-    assert not all(torch.equal(a[0], b[0]) for a, b in zip(batches, other))
-    ordered = _all_batches(make_loader(ds, batch_size=4, shuffle=False)[0])
-    assert torch.equal(ordered[0][0][1], ds[1][0])
+class Numbers(torch.utils.data.Dataset):
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.tensor([i]), torch.tensor([i])
+
+
+def test_make_loader_order_depends_only_on_seed_and_epoch_and_skips_by_index():
+    data = Numbers(40)
+    ids = lambda loader: [tuple(b[0][:, 0].tolist()) for b in loader]  # noqa: E731
+    e0 = ids(make_loader(data, 4, epoch=0, seed=3))
+    assert e0 == ids(make_loader(data, 4, epoch=0, seed=3)), "an epoch's order depends only on (seed, epoch)"
+    assert e0 != ids(make_loader(data, 4, epoch=1, seed=3)), "set_epoch must reshuffle"
+    assert e0 != ids(make_loader(data, 4, epoch=0, seed=4))
+    assert ids(make_loader(data, 4, epoch=0, seed=3, skip_batches=3)) == e0[3:]
+    assert ids(make_loader(data, 4, shuffle=False))[0] == (0, 1, 2, 3)
+    # two ranks of 2 see, together, exactly what one rank of 4 sees (DDP == a bigger batch), and nothing in common
+    r0 = [b[0] for b in make_loader(data, 2, 0, seed=3, rank=0, world_size=2)]
+    r1 = [b[0] for b in make_loader(data, 2, 0, seed=3, rank=1, world_size=2)]
+    one = [b[0] for b in make_loader(data, 4, 0, seed=3)]
+    for a, b, big in zip(r0, r1, one):
+        assert sorted(torch.cat([a, b]).flatten().tolist()) == sorted(big.flatten().tolist())
+    assert not set(torch.cat(r0).flatten().tolist()) & set(torch.cat(r1).flatten().tolist())
     with pytest.raises(ValueError, match="fewer than batch_size"):
-        make_loader(ds, batch_size=len(ds) + 1)
+        make_loader(data, batch_size=21, world_size=2)
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
-        make_loader(ds, batch_size=0)
+        make_loader(data, batch_size=0)
+
+
+def test_make_loader_uses_the_datasets_collate_through_subsets(built, tok):
+    ds = SFTDataset(built["sft"], tok, 512)
+    x, y, mask = next(iter(make_loader(torch.utils.data.Subset(ds, range(32)), batch_size=4)))
+    assert x.shape[1] == int(mask.sum(-1).max()) < 512
+    xp, yp = next(iter(make_loader(PretrainDataset(built["pretrain"], tok, max_seq_len=32), batch_size=4)))
+    assert xp.shape == yp.shape == (4, 32) and xp.dtype == torch.long
 
 
 @pytest.mark.parametrize("kind", ["pretrain", "sft"])
 def test_workers_give_the_same_batches(built, tok, kind):
     ds = (PretrainDataset(built["pretrain"], tok, 32) if kind == "pretrain" else SFTDataset(built["sft"], tok, 64))
-    plain = _all_batches(make_loader(ds, batch_size=8, seed=3)[0])[:6]
-    loader, _ = make_loader(ds, batch_size=8, seed=3, num_workers=2)
+    plain = _all_batches(make_loader(ds, batch_size=8, seed=3))[:6]
     with_workers = []
-    for batch in loader:
+    for batch in make_loader(ds, batch_size=8, seed=3, num_workers=2):
         with_workers.append(batch)
         if len(with_workers) == 6:
             break
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(plain, with_workers))
-
-
-def test_distributed_needs_a_process_group(built, tok):
-    ds = PretrainDataset(built["pretrain"], tok, 32)
-    with pytest.raises(RuntimeError, match="init_process_group"):
-        make_loader(ds, batch_size=4, distributed=True)
-
-
-def test_distributed_ranks_share_the_data(built, tok, monkeypatch):
-    ds = SFTDataset(built["sft"], tok, 32)
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
-    seen = {}
-    for rank in (0, 1):
-        monkeypatch.setattr(dist, "get_rank", lambda group=None, r=rank: r)
-        loader, sampler = make_loader(ds, batch_size=2, distributed=True, seed=5)
-        assert sampler is not None and sampler.rank == rank and sampler.num_replicas == 2
-        sampler.set_epoch(0)
-        seen[rank] = list(sampler)
-        sampler.set_epoch(1)
-        assert list(sampler) != seen[rank], "set_epoch must reshuffle"
-        assert len(loader) == len(seen[rank]) // 2
-    assert not set(seen[0]) & set(seen[1])
-    assert len(seen[0]) == len(seen[1]) == len(ds) // 2
-
-
-def test_distributed_with_a_real_single_process_group(built, tok, tmp_path):
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        ds = PretrainDataset(built["pretrain"], tok, 32)
-        loader, sampler = make_loader(ds, batch_size=4, distributed=True)
-        sampler.set_epoch(0)
-        x, y = next(iter(loader))
-        assert x.shape == (4, 32) and len(loader) == len(ds) // 4
-    finally:
-        dist.destroy_process_group()
+    assert all(all(torch.equal(a, b) for a, b in zip(p, w)) for p, w in zip(plain, with_workers))
 
 
 def test_tokenizers_parallelism_is_configured_for_workers(built, tok, monkeypatch):

@@ -1,19 +1,24 @@
-"""Every fast path equals the readable one: the lean decoding step (chapter 06) against the cached forward pass and
-`generate` through either path, its weight cache, its fallbacks, and the optional compiled path (chapter 11).
+"""Every fast path equals the readable one: chapter 11's lean decoding step against the cached forward pass,
+`zer02llm.fast.generate` against `zer02llm.generate.generate`, the weights it uses (always the current ones, no
+copy kept), its fallbacks, and the optional compiled path.
 
 Tolerances: float32 logits within 1e-5 (different but equivalent summation orders); tokens identical."""
 import copy
+import gc
 import shutil
 import warnings
+import weakref
 
 import pytest
 import torch
 
+from zer02llm import fast
 from zer02llm.attention import KVCache
 from zer02llm.config import LLMconfig
-from zer02llm.fast import CompiledOrEager, compile_model
+from zer02llm.fast import CompiledOrEager, DecodeWeights, compile_model, decode_step, lean_step
+from zer02llm.generate import forward_step
 from zer02llm.lora import LoRALinear
-from zer02llm.model import LLM, DecodeWeights, decode_step
+from zer02llm.model import LLM
 
 SMALL = dict(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=96)
 CONFIGS = {
@@ -45,11 +50,6 @@ def naive_greedy(model: LLM, ids: torch.Tensor, n: int) -> torch.Tensor:
     return ids
 
 
-def forward_path(monkeypatch):
-    """Make `generate` take the forward pass at every step (what it does when the lean step does not apply)."""
-    monkeypatch.setattr(DecodeWeights, "supports", staticmethod(lambda model: False))
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_decode_step_equals_cached_forward(name):
     model = make(name)
@@ -60,11 +60,10 @@ def test_decode_step_equals_cached_forward(name):
     with torch.inference_mode():
         for cache in caches:
             model(prompt, kv_caches=cache)
-        weights, token = model.decode_weights(), prompt[:, -1]
-        assert weights is not None
+        weights, token = DecodeWeights(model), prompt[:, -1]
         for pos in range(T, T + steps):
             ref = model(token[:, None], kv_caches=caches[0], start_pos=pos).logits[:, -1]
-            lean = model.decode_step(weights, token, pos, caches[1])
+            lean = decode_step(weights, token, pos, caches[1])
             torch.testing.assert_close(lean, ref, atol=1e-5, rtol=0)
             token = ref.argmax(-1)
         for a, b in zip(*caches):  # the lean step wrote the same keys (after RoPE) and values
@@ -72,7 +71,7 @@ def test_decode_step_equals_cached_forward(name):
             torch.testing.assert_close(a.v, b.v, atol=1e-5, rtol=0)
 
 
-def test_decode_step_with_left_padding_equals_forward():
+def test_lean_step_with_left_padding_equals_forward_step():
     model = make("gqa")
     c = model.config
     B, T, steps = 2, 6, 5
@@ -83,12 +82,11 @@ def test_decode_step_with_left_padding_equals_forward():
     with torch.inference_mode():
         for cache in caches:
             model(prompt, attention_mask=full_mask[:, :T], kv_caches=cache)
-        n_pad = T - full_mask[:, :T].sum(-1)
-        weights, token = model.decode_weights(), prompt[:, -1]
+        ref_step, lean = forward_step(model), lean_step(model)
+        token = prompt[:, -1]
         for pos in range(T, T + steps):
-            ref = model(token[:, None], attention_mask=full_mask[:, :pos + 1], kv_caches=caches[0], start_pos=pos).logits[:, -1]
-            lean = decode_step(weights, token, pos, caches[1], positions=pos - n_pad, key_mask=full_mask.bool())
-            torch.testing.assert_close(lean, ref, atol=1e-5, rtol=0)
+            ref = ref_step(token, pos, caches[0], full_mask[:, :pos + 1])
+            torch.testing.assert_close(lean(token, pos, caches[1], full_mask[:, :pos + 1]), ref, atol=1e-5, rtol=0)
             token = ref.argmax(-1)
 
 
@@ -101,67 +99,85 @@ GENERATE_CASES = {
 
 @pytest.mark.parametrize("name", ["gqa", "moe-shared-unnormalised"])
 @pytest.mark.parametrize("case", list(GENERATE_CASES))
-def test_generate_lean_equals_forward_path(name, case, monkeypatch):
+def test_fast_generate_equals_generate(name, case, monkeypatch):
     model = make(name)
     prompt = torch.randint(0, 300, (3, 9), generator=torch.Generator().manual_seed(3))
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[1, :4] = 0
     kw = dict(GENERATE_CASES[case], max_new_tokens=20, attention_mask=mask)
     calls = []
-    real_step = model.decode_step
-    model.decode_step = lambda *a, **k: calls.append(1) or real_step(*a, **k)
-    fast = model.generate(prompt, generator=torch.Generator().manual_seed(4), **kw)
-    assert calls, "generate did not use the lean step"
-    forward_path(monkeypatch)
+    monkeypatch.setattr(fast, "decode_step", lambda *a, **k: calls.append(1) or decode_step(*a, **k))
+    lean = fast.generate(model, prompt, generator=torch.Generator().manual_seed(4), **kw)
+    assert calls, "fast.generate did not use the lean step"
     calls.clear()
-    slow = model.generate(prompt, generator=torch.Generator().manual_seed(4), **kw)
-    assert not calls
-    assert torch.equal(fast, slow)
+    readable = model.generate(prompt, generator=torch.Generator().manual_seed(4), **kw)
+    assert not calls, "the default generate must use the forward pass"
+    assert torch.equal(lean, readable)
+    streamed = torch.stack(list(fast.stream_generate(model, prompt, generator=torch.Generator().manual_seed(4), **kw)), 1)
+    assert torch.equal(streamed, lean[:, 9:])
 
 
-def test_generate_greedy_equals_naive_loop():
+@pytest.mark.parametrize("gen", [lambda m, *a, **k: m.generate(*a, **k), fast.generate], ids=["generate", "fast"])
+def test_generate_greedy_equals_naive_loop(gen):
     model = make("moe")
     ids = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(5))
-    assert torch.equal(model.generate(ids, max_new_tokens=15, temperature=0), naive_greedy(model, ids, 15))
+    assert torch.equal(gen(model, ids, max_new_tokens=15, temperature=0), naive_greedy(model, ids, 15))
 
 
-def test_decode_weights_are_cached_until_a_parameter_changes(monkeypatch):
+@pytest.mark.parametrize("gen", [lambda m, *a, **k: m.generate(*a, **k), fast.generate], ids=["generate", "fast"])
+def test_generation_uses_the_current_weights_in_any_autograd_mode(gen):
+    """Defect: a version-counter cache of the fused weights went stale after `p.data.copy_` and crashed for a model
+    built under inference_mode. Every call must compute with the weights as they are at the call."""
+    model = make("untied")  # (an untrained tied model mostly repeats its last token, whatever the weights)
+    prompt = torch.randint(0, 300, (2, 6), generator=torch.Generator().manual_seed(6))
+    first = gen(model, prompt, max_new_tokens=12, temperature=0)
+    other = make("untied", seed=9)
+    for p, q in zip(model.parameters(), other.parameters()):
+        p.data.copy_(q.data)  # invisible to version counters
+    after = gen(model, prompt, max_new_tokens=12, temperature=0)
+    assert not torch.equal(first, after)
+    assert torch.equal(after, naive_greedy(other, prompt, 12))
+    with torch.inference_mode():
+        frozen = make("untied", seed=9)  # its parameters are inference tensors
+        assert torch.equal(gen(frozen, prompt, max_new_tokens=12, temperature=0), after)
+    with torch.no_grad():
+        assert torch.equal(gen(other, prompt, max_new_tokens=12, temperature=0), after)
+
+
+def test_fast_generate_keeps_no_copy_of_the_weights(monkeypatch):
     model = make("gqa")
-    w = model.decode_weights()
-    assert model.decode_weights() is w
-    assert set(model.state_dict()) == set(make("gqa").state_dict()), "the cache must not enter the state_dict"
-    prompt = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(6))
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    model(prompt, labels=prompt).loss.backward()
-    opt.step()  # in-place update: version counters move
-    w2 = model.decode_weights()
-    assert w2 is not w
-    fresh = model.generate(prompt, max_new_tokens=12, temperature=0)
-    model.load_state_dict(make("gqa", seed=9).state_dict())  # copy_ into the same tensors
-    assert model.decode_weights() is not w2
-    after_load = model.generate(prompt, max_new_tokens=12, temperature=0)
-    model.double()  # new tensors
-    assert model.decode_weights().head.dtype == torch.float64
-    forward_path(monkeypatch)
-    model.float()
-    assert torch.equal(after_load, model.generate(prompt, max_new_tokens=12, temperature=0))
-    assert not torch.equal(fresh, after_load)
+    built = []
+    real_init = DecodeWeights.__init__
+
+    def spy(self, m):
+        real_init(self, m)
+        built.append(weakref.ref(self))
+
+    monkeypatch.setattr(DecodeWeights, "__init__", spy)
+    prompt = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(7))
+    fast.generate(model, prompt, max_new_tokens=5, temperature=0)
+    fast.generate(model, prompt, max_new_tokens=5, temperature=0)
+    gc.collect()
+    assert len(built) == 2, "the lean weights are laid out once per call"
+    assert all(ref() is None for ref in built), "no copy of the weights may outlive the call"
+    assert set(model.state_dict()) == set(make("gqa").state_dict())
+    assert not any(isinstance(v, DecodeWeights) for v in vars(model).values())
 
 
-def test_lora_and_training_dropout_fall_back_to_forward():
+def test_lora_dropout_and_gpu_weights_fall_back_to_the_forward_step():
     model = make("gqa")
-    assert model.decode_weights() is not None
+    assert DecodeWeights.supports(model)
     attn = model.layers[0].self_attn
     attn.q_proj = LoRALinear(attn.q_proj, rank=2)
     with torch.no_grad():
         attn.q_proj.lora_B.normal_()  # the adapter changes the function
-    assert model.decode_weights() is None
+    assert not DecodeWeights.supports(model)
     ids = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(7))
-    assert torch.equal(model.generate(ids, max_new_tokens=10, temperature=0), naive_greedy(model, ids, 10))
+    assert torch.equal(fast.generate(model, ids, max_new_tokens=10, temperature=0), naive_greedy(model, ids, 10))
     assert not DecodeWeights.supports(make("gqa").to("meta")), "off the CPU the copy would cost memory for nothing"
     dropout_model = make("gqa", dropout=0.1)
-    assert dropout_model.decode_weights() is not None  # eval mode: dropout is off
-    assert dropout_model.train().decode_weights() is None
+    assert DecodeWeights.supports(dropout_model)  # eval mode: dropout is off
+    assert not DecodeWeights.supports(dropout_model.train())
 
 
 def test_bfloat16_lean_step_close_to_forward():
@@ -173,7 +189,7 @@ def test_bfloat16_lean_step_close_to_forward():
         for cache in caches:
             model(prompt, kv_caches=cache)
         ref = model(prompt[:, -1:], kv_caches=caches[0], start_pos=6).logits[:, -1].float()
-        lean = model.decode_step(model.decode_weights(), prompt[:, -1], 6, caches[1]).float()
+        lean = decode_step(DecodeWeights(model), prompt[:, -1], 6, caches[1]).float()
     assert lean.dtype == ref.dtype and (lean - ref).abs().max() < 0.05 * ref.abs().max()
 
 
@@ -203,7 +219,8 @@ def test_compiled_decode_step_generates_like_eager():
     eager = make("moe")
     compiled = compile_model(copy.deepcopy(eager), backend="eager", blocks=False)
     prompt = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(10))
-    assert torch.equal(compiled.generate(prompt, max_new_tokens=8, temperature=0),
+    assert isinstance(compiled.decode_step, CompiledOrEager) and "decode_step" not in vars(eager)
+    assert torch.equal(fast.generate(compiled, prompt, max_new_tokens=8, temperature=0),
                        eager.generate(prompt, max_new_tokens=8, temperature=0))
 
 
@@ -217,7 +234,7 @@ def test_inductor_compiled_model_generates_and_trains_like_eager():
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(12))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn: it must not happen here
-        out = compiled.generate(prompt, max_new_tokens=8, temperature=0)
+        out = fast.generate(compiled, prompt, max_new_tokens=8, temperature=0)
         loss = compiled.train()(ids, labels=ids).loss
     assert torch.equal(out, eager.generate(prompt, max_new_tokens=8, temperature=0))
     torch.testing.assert_close(loss, eager.train()(ids, labels=ids).loss, atol=1e-5, rtol=0)
@@ -234,11 +251,11 @@ def test_compile_falls_back_to_eager_with_a_warning(monkeypatch):
     reference = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=6, temperature=0)
     compile_model(model)
     with pytest.warns(RuntimeWarning, match="running eagerly"):
-        out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=6, temperature=0)
+        out = fast.generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=6, temperature=0)
     assert torch.equal(out, reference)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once per function, then plain eager
-        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=6, temperature=0)
+        fast.generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=6, temperature=0)
 
 
 def test_compile_unavailable_and_errors_pass_through(monkeypatch):

@@ -1,11 +1,10 @@
-"""Sampling helpers and StreamDecoder against naive references and Hugging Face's logits processors."""
+"""Sampling helpers against naive references and Hugging Face's logits processors; the generation loop."""
 import math
 
 import pytest
 import torch
 
 from zer02llm.generate import (
-    StreamDecoder,
     apply_repetition_penalty,
     check_sampling_args,
     sample_next_token,
@@ -108,31 +107,3 @@ def test_sampling_never_picks_a_filtered_token_and_follows_the_distribution():
 def test_bad_sampling_args(kwargs, message):
     with pytest.raises(ValueError, match=message):
         check_sampling_args(**kwargs)
-
-
-def _byte_decode(ids):
-    return bytes(ids).decode("utf-8", errors="replace")
-
-
-@pytest.mark.parametrize("text", ["plain ascii", "Hi 你好 🙂!", "line one\nzweite Zeile ü\n末尾", "🙂🙂"])
-def test_stream_decoder_never_emits_half_characters(text):
-    dec = StreamDecoder(_byte_decode)
-    pieces = [dec.push(b) for b in text.encode("utf-8")] + [dec.flush()]
-    assert "".join(pieces) == text
-    assert all("\ufffd" not in p for p in pieces)
-
-
-def test_stream_decoder_accepts_tensors_and_lists_and_flushes_invalid_bytes():
-    dec = StreamDecoder(_byte_decode)
-    assert dec.push(torch.tensor([72])) == "H"
-    assert dec.push([105, 0xE4]) == "i"  # the first byte of a 3-byte character is held back
-    assert dec.push(0xBD) == ""
-    assert dec.flush() == "\ufffd"  # the model ended mid-character: flush shows it
-    assert dec.flush() == ""
-
-
-def test_stream_decoder_with_a_multi_byte_token_tokenizer():
-    vocab = {0: "ab".encode(), 1: "你".encode()[:2], 2: "你".encode()[2:] + b"c", 3: b"\n"}
-    decode = lambda ids: b"".join(vocab[i] for i in ids).decode("utf-8", errors="replace")  # noqa: E731
-    dec = StreamDecoder(decode)
-    assert [dec.push(i) for i in (0, 1, 2, 3, 0)] == ["ab", "", "你c", "\n", "ab"]

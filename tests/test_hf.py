@@ -14,6 +14,7 @@ transformers.utils.logging.disable_progress_bar()
 from zer02llm.config import LLMconfig  # noqa: E402
 from zer02llm.hf import export_hf, import_hf  # noqa: E402
 from zer02llm.model import LLM  # noqa: E402
+from zer02llm.tokenizer import EOS_TOKEN, PAD_TOKEN, ChatTokenizer, load_tokenizer  # noqa: E402
 
 ATOL = 1e-5  # float32
 BASE = dict(vocab_size=211, max_seq_len=64)
@@ -80,7 +81,8 @@ def test_greedy_generate_matches_transformers(exported, name):
     mask = torch.ones_like(prompt)
     mask[0, :3], prompt[0, :3] = 0, 0  # left padding
     ours_out = model.generate(prompt, max_new_tokens=20, temperature=0, attention_mask=mask, repetition_penalty=1.3)
-    hf_out = hf.generate(prompt, attention_mask=mask, max_new_tokens=20, do_sample=False, repetition_penalty=1.3)
+    hf_out = hf.generate(prompt, attention_mask=mask, max_new_tokens=20, do_sample=False, repetition_penalty=1.3,
+                         eos_token_id=None)  # random weights: no turn to end (stopping: see below)
     assert torch.equal(ours_out, hf_out)
 
 
@@ -127,10 +129,105 @@ def test_import_max_seq_len_override():
     assert import_hf(hf, max_seq_len=128).config.max_seq_len == 128
 
 
+SPECIAL = ("eos_token_id", "pad_token_id", "bos_token_id")
+
+
+def _special_ids(folder) -> dict:
+    """{file: [eos, pad, bos]} as written in config.json and generation_config.json."""
+    files = ("config.json", "generation_config.json")
+    return {f: [json.loads((folder / f).read_text()).get(k) for k in SPECIAL] for f in files}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_export_writes_the_chat_special_tokens(exported, name):
+    """<|im_end|> = 2 ends a turn, <|endoftext|> = 0 pads, <|im_start|> = 1: in both files, for every architecture."""
+    _, hf, folder = exported[name]
+    assert _special_ids(folder) == {"config.json": [2, 0, 1], "generation_config.json": [2, 0, 1]}
+    assert "_from_model_config" not in json.loads((folder / "generation_config.json").read_text())  # explicit
+    assert [getattr(hf.generation_config, k) for k in SPECIAL] == [2, 0, 1]
+
+
+def test_default_special_ids_are_the_shipped_tokenizers(exported):
+    tok = load_tokenizer()
+    assert _special_ids(exported["gqa-tied"][2])["config.json"] == [tok.eos_id, tok.pad_id, tok.bos_id]
+
+
+def countdown_model(vocab_size=64, dim=64, seed=0):
+    """Greedy next token after t is t - 1: orthonormal embeddings (RMS 1) dominate the residual stream, and LM head
+    row t - 1 is embedding row t (margin ~64 logits), so a prompt ending in t reaches id 2 after t - 2 tokens."""
+    torch.manual_seed(seed)
+    model = LLM(LLMconfig(vocab_size=vocab_size, dim=dim, n_layers=2, n_heads=4, max_seq_len=64,
+                          tie_word_embeddings=False))
+    rows = torch.linalg.qr(torch.randn(dim, dim))[0][:vocab_size] * dim**0.5
+    with torch.no_grad():
+        model.embed_tokens.weight.copy_(rows)
+        model.lm_head.weight.copy_(rows.roll(-1, dims=0))
+    return model.eval()
+
+
+def test_transformers_generate_stops_at_eos_like_ours(tmp_path):
+    model = countdown_model()
+    export_hf(model, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    prompt = torch.tensor([[30, 41, 9], [12, 5, 6], [50, 60, 4]])  # countdowns of 7, 4 and 2 tokens
+    hf_out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False)
+    ours_out = model.generate(prompt, max_new_tokens=20, eos_token_id=2, temperature=0)
+    assert hf_out.shape == ours_out.shape == (3, 3 + 7)  # both stopped when the last row ended, not after 20 tokens
+    for n, row_hf, row_ours in zip((7, 4, 2), hf_out.tolist(), ours_out.tolist()):
+        end = 3 + n
+        assert row_hf[:end] == row_ours[:end] == row_hf[:3] + list(range(row_hf[2] - 1, 1, -1))
+        assert row_hf[end - 1] == 2 and 2 not in row_hf[3:end - 1]
+        assert row_hf[end:] == [0] * (7 - n) and row_ours[end:] == [2] * (7 - n)  # filled with pad / with eos
+
+
 def test_export_config_overrides(tmp_path):
-    export_hf(ours("gqa-tied"), tmp_path, eos_token_id=3, bos_token_id=1)
+    export_hf(ours("gqa-tied"), tmp_path, eos_token_id=3, bos_token_id=5)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["eos_token_id"] == 3 and cfg["bos_token_id"] == 1 and cfg["architectures"] == ["LlamaForCausalLM"]
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    assert _special_ids(tmp_path) == {"config.json": [3, 0, 5], "generation_config.json": [3, 0, 5]}
+
+
+def test_export_override_none_exports_a_model_that_never_stops(tmp_path):
+    export_hf(countdown_model(), tmp_path, eos_token_id=None)
+    assert _special_ids(tmp_path)["generation_config.json"] == [None, 0, 1]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    prompt = torch.tensor([[30, 41, 9]])
+    out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
+    assert out.shape[1] == 3 + 12 and out[0, 9].item() == 2  # went past <|im_end|>
+
+
+def test_export_with_tokenizer_is_a_complete_folder(tmp_path):
+    tok = load_tokenizer()
+    torch.manual_seed(0)
+    model = LLM(LLMconfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, max_seq_len=64))
+    export_hf(model, tmp_path, tokenizer=tok)
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in tmp_path.iterdir()}
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert [hf_tok.eos_token_id, hf_tok.pad_token_id, hf_tok.bos_token_id] == [2, 0, 1]
+    assert [tok.eos_id, tok.pad_id, tok.bos_id] == [2, 0, 1]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Wie heißt du? 你好 🙂"}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True)
+    assert hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == text
+    for s in (text, "plain text, with  spaces\nand lines", "<|im_start|>user\nhi<|im_end|>"):
+        assert hf_tok.encode(s, add_special_tokens=False) == tok.encode(s)
+        assert hf_tok.decode(tok.encode(s)) == tok.decode(tok.encode(s))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert [getattr(hf.generation_config, k) for k in SPECIAL] == [2, 0, 1]
+
+
+def test_export_takes_the_ids_from_the_tokenizer(tmp_path):
+    base = load_tokenizer()  # the same vocabulary, other roles: <|endoftext|> ends a turn, <|im_end|> pads
+    tok = ChatTokenizer(base.tokenizer, eos_token=PAD_TOKEN, pad_token=EOS_TOKEN)
+    model = LLM(LLMconfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, max_seq_len=64))
+    export_hf(model, tmp_path, tokenizer=tok)
+    assert _special_ids(tmp_path) == {"config.json": [0, 2, 1], "generation_config.json": [0, 2, 1]}
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path).eos_token_id == 0
+
+
+def test_export_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path):
+    tok = load_tokenizer()
+    with pytest.raises(ValueError, match=f"the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size=211"):
+        export_hf(ours("gqa-tied"), tmp_path, tokenizer=tok)
 
 
 def test_export_refuses_shared_experts_without_renormalisation(tmp_path):

@@ -109,3 +109,22 @@ def test_save_load_round_trip_and_bad_files(tmp_path):
         load_lora(tiny_llm(), tmp_path / "missing.pth")
     with pytest.raises(ValueError, match="no LoRA layers"):
         save_lora(tiny_llm(), tmp_path / "none.pth")
+
+
+def test_lora_refuses_a_tied_lm_head_and_adapts_an_untied_one(tmp_path):
+    """Defect: merging an adapter on a tied lm_head untied it while the saved config still said tied, so the reloaded
+    model differed (max logit difference 2.6) without an error. A shared weight is now refused, with the fix."""
+    torch.manual_seed(0)
+    tied = LLM(LLMconfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, max_seq_len=16))
+    with pytest.raises(ValueError, match="lm_head: its weight is also embed_tokens.weight .*tie_word_embeddings=False"):
+        apply_lora(tied, targets=["lm_head", "q_proj"])
+    assert not any(isinstance(m, LoRALinear) for m in tied.modules()) and all(p.requires_grad for p in tied.parameters())
+    untied = LLM(LLMconfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, max_seq_len=16, tie_word_embeddings=False))
+    apply_lora(untied, targets=["lm_head"])
+    with torch.no_grad():
+        untied.lm_head.lora_B.normal_()
+    x = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        want = untied(x).logits
+        merge_lora(untied).save_checkpoint(tmp_path / "m.pth")
+        torch.testing.assert_close(LLM.from_checkpoint(tmp_path / "m.pth")(x).logits, want, atol=1e-5, rtol=0)

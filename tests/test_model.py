@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from zer02llm.attention import KVCache
 from zer02llm.config import LLMconfig
-from zer02llm.model import LLM, Block, LLMOutput, lm_loss, read_checkpoint
+from zer02llm.checkpoint import read_checkpoint
+from zer02llm.model import LLM, Block, LLMOutput, lm_loss
 
 ATOL = 1e-5  # float32
 
@@ -411,3 +412,38 @@ def test_checkpoint_errors(tmp_path):
     torch.save({"config": m.config.to_dict(), "model": sd}, tmp_path / "missing_key.pth")
     with pytest.raises(ValueError, match="weights do not fit"):
         LLM.from_checkpoint(tmp_path / "missing_key.pth")
+
+
+def test_lm_loss_and_num_items_in_batch():
+    torch.manual_seed(0)
+    model = LLM(LLMconfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, max_seq_len=16))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    labels = ids.clone()
+    labels[0, :9] = -100
+    out = model(ids, labels=labels)
+    n = int((labels[:, 1:] != -100).sum())
+    summed = model(ids, labels=labels, num_items_in_batch=1).lm_loss
+    torch.testing.assert_close(summed / n, out.lm_loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(model(ids, labels=labels, num_items_in_batch=4 * n).lm_loss, out.lm_loss / 4)
+    torch.testing.assert_close(out.loss, out.lm_loss + out.aux_loss)
+    assert model(ids).lm_loss is None and model(ids).loss is None
+
+
+def test_moe_aux_loss_skips_padding_in_the_forward_pass():
+    """Defect: the aux loss counted padding positions. Padding (attention_mask 0, or label -100 without a mask) must
+    not change it: a right-padded batch equals the unpadded sequence."""
+    torch.manual_seed(0)
+    model = LLM(LLMconfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, max_seq_len=32, use_moe=True)).train()
+    real = torch.randint(0, 64, (1, 10))
+    padded = torch.cat([real, torch.zeros(1, 6, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 10), torch.zeros(1, 6)], dim=1).long()
+    labels = padded.clone()
+    labels[:, 10:] = -100
+    alone = model(real, labels=real)
+    with_mask = model(padded, labels=labels, attention_mask=mask)
+    by_labels = model(padded, labels=labels)
+    unmasked = model(padded)
+    torch.testing.assert_close(with_mask.aux_loss, alone.aux_loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(by_labels.aux_loss, alone.aux_loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(with_mask.lm_loss, alone.lm_loss, atol=1e-5, rtol=0)
+    assert (unmasked.aux_loss - alone.aux_loss).abs() > 1e-4, "without any mask every position counts"

@@ -156,6 +156,127 @@ def test_gate_accepts_flat_tokens_as_one_sequence():
     assert torch.equal(idx, idx3) and torch.equal(w, w3) and torch.allclose(aux, aux3)
 
 
+# ---------------------------------------------------------------- padding: the token mask
+
+
+def padded_batch(lengths, dim, seed=0):
+    """Sequences of the given lengths, padded to the longest with garbage (large random vectors), and their mask."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    seqs = [torch.randn(n, dim, generator=g) for n in lengths]
+    x = 10 * torch.randn(len(lengths), T, dim, generator=g) + 3  # garbage everywhere...
+    for b, s in enumerate(seqs):
+        x[b, : len(s)] = s  # ...then the real tokens at the front
+    mask = torch.arange(T) < torch.tensor(lengths).unsqueeze(1)
+    return seqs, x, mask
+
+
+def unmasked_switch_loss(gate, scores, topk_idx):
+    """The loss before the token mask existed (every position counted): the None path must give these numbers."""
+    if not gate.seq_aux:
+        scores, topk_idx = scores.reshape(1, -1, scores.shape[-1]), topk_idx.reshape(1, -1)
+    ones = torch.ones_like(topk_idx, dtype=scores.dtype)
+    counts = torch.zeros_like(scores[:, 0]).scatter_add_(1, topk_idx, ones)
+    f = counts * (gate.n_routed_experts / topk_idx.shape[1])
+    return gate.alpha * (f * scores.mean(dim=1)).sum(dim=1).mean()
+
+
+@pytest.mark.parametrize("seq_aux", [True, False])
+def test_padding_does_not_change_the_aux_loss(seq_aux):
+    torch.manual_seed(0)
+    gate = MoEgate(12, 5, 2, aux_loss_alpha=0.1, seq_aux=seq_aux)
+    seqs, x, mask = padded_batch([7, 4, 1, 6], 12)
+    if seq_aux:  # each sequence alone, unpadded, then the mean over sequences
+        want = torch.stack([gate(s.unsqueeze(0))[2] for s in seqs]).mean()
+    else:  # the real tokens of the whole batch as one sequence
+        want = gate(torch.cat(seqs))[2]
+    got = gate(x, token_mask=mask)[2]
+    torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-6)
+    assert abs(gate(x)[2].item() - want.item()) > 1e-3  # without the mask the padding does change it
+    for m in (mask.long(), mask.float()):  # 0/1 masks work like bool ones
+        assert torch.equal(gate(x, token_mask=m)[2], got)
+    # the same through MoEFFN, whose output the mask does not change
+    moe = MoEFFN(12, 5, 2, hidden_dim=16, aux_loss_alpha=0.1, seq_aux=seq_aux)
+    moe.gate.load_state_dict(gate.state_dict())
+    y, aux = moe(x, token_mask=mask)
+    assert torch.equal(aux, got) and torch.equal(y, moe(x)[0])
+
+
+@pytest.mark.parametrize("seq_aux", [True, False])
+def test_mask_changes_only_the_loss(seq_aux):
+    torch.manual_seed(1)
+    gate = MoEgate(12, 6, 3, seq_aux=seq_aux)
+    _, x, mask = padded_batch([5, 2, 8], 12, seed=1)
+    for mode in ("train", "eval"):
+        getattr(gate, mode)()
+        idx, w, _ = gate(x)
+        idx_m, w_m, _ = gate(x, token_mask=mask)
+        assert torch.equal(idx, idx_m) and torch.equal(w, w_m)
+
+
+@pytest.mark.parametrize("seq_aux", [True, False])
+def test_all_ones_mask_equals_no_mask(seq_aux):
+    torch.manual_seed(2)
+    gate = MoEgate(16, 8, 2, aux_loss_alpha=0.01, seq_aux=seq_aux)
+    for x in (torch.randn(3, 11, 16), torch.randn(13, 16)):  # (B, T, dim) and flat tokens
+        aux = gate(x)[2]
+        for ones in (torch.ones(x.shape[:-1], dtype=torch.bool), torch.ones(x.shape[:-1]), torch.tensor(True)):
+            assert torch.equal(gate(x, token_mask=ones)[2], aux)  # a mask of ones (or one broadcast True)
+        # and no mask gives the unmasked formula's value (bit for bit on the CPU today; 1e-7 stated)
+        scores = F.linear(x.reshape(-1, 16), gate.weight).softmax(-1, dtype=torch.float32)
+        idx = scores.topk(2, dim=-1).indices
+        batch = x.shape[0] if x.dim() == 3 else 1
+        old = unmasked_switch_loss(gate, scores.view(batch, -1, 8), idx.view(batch, -1))
+        torch.testing.assert_close(aux, old, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("seq_aux", [True, False])
+def test_all_padding_rows_are_ignored_without_nan(seq_aux):
+    torch.manual_seed(3)
+    gate = MoEgate(12, 4, 2, aux_loss_alpha=0.1, seq_aux=seq_aux)
+    seqs, x, mask = padded_batch([6, 0, 3, 0], 12, seed=3)
+    got = gate(x, token_mask=mask)[2]
+    real = [s for s in seqs if len(s)]
+    if seq_aux:  # the mean over the two sequences that have tokens, not over four
+        want = torch.stack([gate(s)[2] for s in real]).mean()
+    else:
+        want = gate(torch.cat(real))[2]
+    torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-6)
+    # no real token at all: 0, finite, with finite (zero) gradients
+    x = x.requires_grad_()
+    aux = gate(x, token_mask=torch.zeros(4, 6, dtype=torch.bool))[2]
+    assert aux.item() == 0.0
+    g_x, g_w = torch.autograd.grad(aux, [x, gate.weight])
+    assert torch.count_nonzero(g_x) == 0 and torch.count_nonzero(g_w) == 0
+
+
+@pytest.mark.parametrize("seq_aux", [True, False])
+def test_padded_inputs_do_not_reach_the_aux_loss(seq_aux):
+    torch.manual_seed(4)
+    gate = MoEgate(12, 5, 2, aux_loss_alpha=0.1, seq_aux=seq_aux)
+    _, x, mask = padded_batch([7, 3, 5], 12, seed=4)
+    x = x.requires_grad_()
+    aux = gate(x, token_mask=mask)[2]
+    g_x, g_w = torch.autograd.grad(aux, [x, gate.weight])
+    assert torch.count_nonzero(g_x[~mask]) == 0 and torch.count_nonzero(g_x[mask]) > 0
+    # perturbing the padding (here: any values at all) changes neither the loss nor the router's gradient
+    x2 = x.detach().clone()
+    x2[~mask] = 100 * torch.randn(int((~mask).sum()), 12)
+    aux2 = gate(x2, token_mask=mask)[2]
+    (g_w2,) = torch.autograd.grad(aux2, gate.weight)
+    assert torch.equal(aux2, aux)
+    torch.testing.assert_close(g_w2, g_w, atol=1e-7, rtol=1e-6)
+
+
+def test_bad_token_mask_shape_raises():
+    gate = MoEgate(8, 4, 2)
+    match = r"token_mask of shape \(2, 4\) does not broadcast to x's leading dims \(2, 5\)"
+    with pytest.raises(ValueError, match=match):
+        gate(torch.randn(2, 5, 8), token_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="token_mask of shape"):
+        MoEFFN(8, 4, 2)(torch.randn(2, 5, 8), token_mask=torch.ones(2, 5, 1))
+
+
 # ---------------------------------------------------------------- MoE layer
 
 

@@ -71,30 +71,138 @@ def test_bytes_to_unicode_is_the_byte_level_alphabet():
     assert table[ord(" ")] == "Ġ" and table[ord("\n")] == "Ċ" and table[ord("a")] == "a"
 
 
-def test_token_bytes_decode_like_the_library(tok):
+def test_bytes_to_unicode_reads_tokens_back_as_the_library_decodes(tok):
+    byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
+    specials = set(tok.tokenizer.get_added_tokens_decoder())
+    raw = {i: bytes(byte_of[ch] for ch in tok.tokenizer.id_to_token(i))
+           for i in range(tok.vocab_size) if i not in specials}
     rng = random.Random(1)
     for text in TEXTS + [random_text(rng, 50) for _ in range(50)]:
-        ids = tok.encode(text)
-        assert b"".join(tok.token_bytes[i] for i in ids).decode("utf-8") == tok.decode(ids) == text
+        ids = [i for i in tok.encode(text) if i not in specials]
+        assert b"".join(raw[i] for i in ids).decode("utf-8") == tok.decode(ids)
+    for _ in range(200):  # any byte sequence, cut anywhere: Python's "replace" writes U+FFFD where the library does
+        ids = rng.choices(sorted(raw), k=rng.randint(1, 12))
+        assert b"".join(raw[i] for i in ids).decode("utf-8", errors="replace") == tok.decode(ids)
 
 
-def test_stream_decoder_never_emits_half_a_character(tok):
+# ---- streaming -------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def zh_tok():
+    """A tokenizer trained on Chinese: some of its tokens end, or start, in the middle of a character."""
+    zh = ("我们从零开始训练一个小语言模型。语言模型根据前面的词预测下一个词。"
+          "分词器把文字切成小块，再把每一块变成一个数字。训练数据越多，模型学到的知识越多。"
+          "小模型也可以讲简单的故事，回答简单的问题。")  # the text of the notebook's demo
+    trained = train_tokenizer([zh] * 50, vocab_size=400)
+    assert any("\ufffd" in trained.decode([i]) for i in trained.encode(zh)), "no token cuts a character"
+    return trained
+
+
+def stream_pieces(stream, ids, chunk=1):
+    """Push ids `chunk` at a time; the pieces, then the flush."""
+    pieces = [stream.push(ids[k:k + chunk] if chunk > 1 else ids[k]) for k in range(0, len(ids), chunk)]
+    return pieces + [stream.flush()]
+
+
+def assert_streams_like_decode(tok, ids, pieces, skip_special_tokens=False):
+    """The contract: pieces join to decode(ids), and the text pushed so far is always a prefix of it, so no piece
+    holds half a character (a premature U+FFFD would not be in decode's text at that place)."""
+    text = tok.decode(ids, skip_special_tokens=skip_special_tokens)
+    assert "".join(pieces) == text, (ids, pieces, text)
+    done = ""
+    for piece in pieces[:-1]:
+        done += piece
+        assert text.startswith(done), (ids, pieces, text)
+        if "\ufffd" not in text:
+            assert "\ufffd" not in piece, (ids, pieces)
+
+
+def random_ids(rng, tok, n):
+    """Any id sequence: whole tokens, single bytes (half characters), special tokens, ids outside the vocabulary."""
+    pools = [lambda: rng.randrange(tok.vocab_size), lambda: rng.randrange(3), lambda: rng.randrange(3, 259),
+             lambda: tok.vocab_size + rng.randrange(100)]
+    return [rng.choice(pools)() for _ in range(n)]
+
+
+def test_stream_decoder_never_emits_half_a_character(tok, zh_tok):
     rng = random.Random(2)
-    for text in TEXTS + [random_text(rng, 60) for _ in range(100)]:
-        stream, emitted = tok.stream_decoder(), ""
-        for i in tok.encode(text):
-            piece = stream.push(i)
-            assert "\ufffd" not in piece, (text, piece)
-            emitted += piece
-            assert text.startswith(emitted)
-        emitted += stream.flush()
-        assert emitted == text
+    for t in (tok, zh_tok):
+        for text in TEXTS + [random_text(rng, 60) for _ in range(100)]:
+            ids = t.encode(text)
+            pieces = stream_pieces(t.stream_decoder(), ids)
+            assert_streams_like_decode(t, ids, pieces)
+            assert "".join(pieces) == text and pieces[-1] == ""  # real text ends on a whole character
 
 
-def test_stream_decoder_ignores_ids_outside_the_vocabulary(tok):
+def test_stream_decoder_equals_decode_for_any_ids(tok, zh_tok):
+    rng = random.Random(3)
+    for t in (tok, zh_tok):
+        for _ in range(300):
+            ids = random_ids(rng, t, rng.randint(0, 25))
+            assert_streams_like_decode(t, ids, stream_pieces(t.stream_decoder(), ids, chunk=rng.choice([1, 2, 5])))
+
+
+def test_stream_decoder_flushes_a_cut_character_as_decode_does(tok, zh_tok):
+    for t, text in [(tok, "ok 🙂!"), (tok, "中文 and é"), (zh_tok, "语言模型预测下一个词。")]:
+        ids = t.encode(text)
+        for cut in range(len(ids) + 1):
+            pieces = stream_pieces(t.stream_decoder(), ids[:cut])
+            assert_streams_like_decode(t, ids[:cut], pieces)
     stream = tok.stream_decoder()
-    assert stream.push(tok.vocab_size + 5) == "" and stream.push(-1) == ""
-    assert tok.decode([tok.encode("a")[0], tok.vocab_size + 5]) == "a"
+    emoji = tok.encode("🙂")
+    assert len(emoji) == 4 and [stream.push(i) for i in emoji[:2]] == ["", ""]
+    assert stream.flush() == tok.decode(emoji[:2]) == "\ufffd"
+
+
+def test_stream_decoder_returns_text_completed_inside_a_list(tok):
+    ids = tok.encode("ok 🙂")
+    stream = tok.stream_decoder()
+    assert stream.push(ids[:-1]) == "ok " and stream.push(ids[-1]) == "🙂" and stream.flush() == ""
+
+
+def test_stream_decoder_accepts_ints_lists_and_tensors_of_any_shape(tok):
+    torch = pytest.importorskip("torch")
+    ids = tok.encode("Mia had a red kite 🙂.\n中文")
+    text = tok.decode(ids)
+    for make in (list, tuple, torch.tensor, lambda x: torch.tensor(x).reshape(1, -1)):
+        stream = tok.stream_decoder()
+        got = stream.push(make(ids[:3])) + stream.push(torch.tensor(ids[3])) + stream.push(ids[4])
+        got += stream.push(make(ids[5:])) + stream.flush()
+        assert got == text, make
+    stream = tok.stream_decoder()
+    pairs = torch.tensor(ids[:len(ids) // 2 * 2]).reshape(-1, 2)  # (T/2, 2): read row by row
+    assert stream.push(pairs) + stream.flush() == tok.decode(pairs.reshape(-1).tolist())
+    assert stream.push([]) == "" and stream.push(torch.zeros(0, dtype=torch.long)) == "" and stream.flush() == ""
+
+
+def test_stream_decoder_is_reusable_after_flush(tok):
+    stream = tok.stream_decoder()
+    first, second = tok.encode("first 🙂"), tok.encode("second 中")
+    assert stream.push(first[:-2]) + stream.flush() == tok.decode(first[:-2])  # ends in half an emoji
+    assert "".join(stream_pieces(stream, second)) == "second 中"  # nothing of the first stream is left
+    assert "".join(stream_pieces(stream, first)) == "first 🙂"
+
+
+def test_stream_decoder_skip_special_tokens(tok):
+    ids = tok.encode("<|im_start|>assistant\nHi 🙂<|im_end|>\n<|endoftext|>")
+    for skip in (False, True):
+        pieces = stream_pieces(tok.stream_decoder(skip_special_tokens=skip), ids)
+        assert_streams_like_decode(tok, ids, pieces, skip_special_tokens=skip)
+    assert "".join(stream_pieces(tok.stream_decoder(skip_special_tokens=True), ids)) == "assistant\nHi 🙂\n"
+    assert "".join(stream_pieces(tok.stream_decoder(), ids)) == tok.decode(ids) and BOS_TOKEN in tok.decode(ids)
+
+
+def test_stream_decoder_ids_outside_the_vocabulary_and_bad_ids(tok):
+    stream, a = tok.stream_decoder(), tok.encode("a")[0]
+    assert stream.push(tok.vocab_size + 5) == "" and stream.push(a) == "a" and stream.flush() == ""
+    assert tok.decode([tok.vocab_size + 5, a]) == "a"  # decode skips it too
+    with pytest.raises(ValueError, match="token ids"):
+        stream.push([a, -1])
+    with pytest.raises(ValueError, match="token ids"):
+        stream.push(2**32)
+    with pytest.raises(TypeError):
+        stream.push(1.5)
+    assert stream.push(a) == "a" and stream.flush() == ""  # a rejected push changes nothing
 
 
 # ---- chat template --------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Hugging Face `transformers` round trip with equal logits (`transformers` is imported only inside these functions).
-- `export_hf(model, out_dir, **hf_config) -> Path`: config.json + model.safetensors that `AutoModelForCausalLM.from_pretrained` loads without custom code: dense -> `LlamaForCausalLM`; MoE -> `MixtralForCausalLM` (norm_topk_prob, no shared experts), `Qwen2MoeForCausalLM` (no renormalisation, no shared experts) or `GraniteMoeSharedForCausalLM` (shared experts, norm_topk_prob).
+- `export_hf(model, out_dir, tokenizer=None, **hf_config) -> Path`: config.json + generation_config.json + model.safetensors that `AutoModelForCausalLM.from_pretrained` loads without custom code: dense -> `LlamaForCausalLM`; MoE -> `MixtralForCausalLM` (norm_topk_prob, no shared experts), `Qwen2MoeForCausalLM` (no renormalisation, no shared experts) or `GraniteMoeSharedForCausalLM` (shared experts, norm_topk_prob). Both configs carry eos = the end-of-turn `<|im_end|>` (2), pad 0, bos 1 (the tokenizer's ids; by default the shipped tokenizer's), so `transformers`' `generate` stops at the end of a turn; a given tokenizer is saved beside the weights (tokenizer.json + tokenizer_config.json, for `AutoTokenizer`); keyword arguments override config fields.
 - `import_hf(path_or_model, max_seq_len=None) -> LLM`: the inverse for those architectures; a setting it cannot compute exactly raises `ValueError` naming it.
 - Needs transformers >= 5 for MoE models (experts held fused in memory as `gate_up_proj`/`down_proj`); the folder itself is what `save_pretrained` writes."""
 
@@ -12,13 +12,19 @@ __all__ = ['SUPPORTED', 'export_hf', 'import_hf']
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import LLMconfig
 from .model import LLM
 
+if TYPE_CHECKING:  # for the annotation only: chapter 06c does not load chapter 07b's module
+    from zer02llm.tokenizer import ChatTokenizer
+
 SUPPORTED = ("llama", "mixtral", "qwen2_moe", "granitemoeshared")
+# The shipped tokenizer's special tokens (chapter 07b): <|endoftext|> = 0, <|im_start|> = 1, <|im_end|> = 2.
+_SHIPPED_TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 
 
 def _hidden_dim(model: LLM) -> int:
@@ -56,7 +62,7 @@ def _hf_config(model: LLM, **overrides):
     clash = sorted(set(overrides) & set(kw))
     if clash:
         raise ValueError(f"export_hf: {clash} follow from model.config and cannot be overridden")
-    return cls(**{"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **kw, **overrides})
+    return cls(**kw, **overrides)
 
 
 def _to_hf(model: LLM, model_type: str) -> dict[str, torch.Tensor]:
@@ -93,19 +99,37 @@ def _to_hf(model: LLM, model_type: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_hf(model: LLM, out_dir: str | os.PathLike, **hf_config_overrides) -> Path:
-    """Write `out_dir` (config.json + model.safetensors) loadable by `transformers.AutoModelForCausalLM.from_pretrained`.
+def _token_ids(tokenizer: "ChatTokenizer | None", vocab_size: int) -> dict[str, int]:
+    """eos/pad/bos ids for the HF configs: the tokenizer's, or the shipped tokenizer's when there is none."""
+    if tokenizer is None:
+        return dict(_SHIPPED_TOKEN_IDS)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"export_hf: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+                         f"vocab_size={vocab_size}: export the model trained with this tokenizer")
+    return {"pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+
+
+def export_hf(model: LLM, out_dir: str | os.PathLike, tokenizer: "ChatTokenizer | None" = None,
+              **hf_config_overrides) -> Path:
+    """Write `out_dir` (config.json, generation_config.json, model.safetensors, and the tokenizer's files when one is
+    given) loadable by `transformers.AutoModelForCausalLM.from_pretrained` (and `AutoTokenizer`).
 
     Dense -> LlamaForCausalLM; MoE -> Mixtral (norm_topk_prob, no shared experts), Qwen2-MoE (no norm, no shared)
-    or GraniteMoeShared (shared experts, norm_topk_prob). Keyword arguments set fields of the HF config (e.g. eos_token_id).
+    or GraniteMoeShared (shared experts, norm_topk_prob). eos/pad/bos ids come from `tokenizer` (default: the shipped
+    tokenizer's 2/0/1), so `generate` stops at `<|im_end|>`; keyword arguments set fields of the HF config and win.
     """
     import transformers
 
-    cfg = _hf_config(model, **hf_config_overrides)
+    cfg = _hf_config(model, **{**_token_ids(tokenizer, model.config.vocab_size), **hf_config_overrides})
     dtype = model.embed_tokens.weight.dtype
     hf_model = transformers.AutoModelForCausalLM.from_config(cfg)
     hf_model.load_state_dict(_to_hf(model, cfg.model_type), strict=True)
+    # what `generate` reads: explicit, not derived from config.json at load time
+    hf_model.generation_config = transformers.GenerationConfig(
+        eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id)
     hf_model.to(dtype).save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save(out_dir)
     return Path(out_dir)
 
 # %% ../notebooks/06c_hf.ipynb #import-code

@@ -66,6 +66,20 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def _refuse_shared_weights(model: nn.Module, names: list[str]) -> None:
+    """A weight shared with another module (a tied LM head is the embedding) cannot take an adapter: merging would
+    give the linear layer its own weight, untie it from the other module, and the reloaded model would differ."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for n in names:
+        shared = [o for o in owners[id(model.get_submodule(n).weight)] if o != f"{n}.weight"]
+        if shared:
+            raise ValueError(f"LoRA cannot adapt {n}: its weight is also {shared[0]} (tied embeddings), and merging "
+                             f"would untie them; leave {n.rsplit('.', 1)[-1]} out of the targets, or train a model with "
+                             "tie_word_embeddings=False")
+
+
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0,
                targets: tuple[str, ...] | list[str] = ("q_proj", "v_proj"), dropout: float = 0.0) -> list[str]:
     """Freeze all of `model`, then wrap every nn.Linear whose name ends in one of `targets` in a LoRALinear
@@ -77,6 +91,7 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0,
     if not names:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"LoRA targets {list(targets)} match no nn.Linear of the model; its linear layers are {linear}")
+    _refuse_shared_weights(model, names)
     for p in model.parameters():
         p.requires_grad_(False)
     for n in names:

@@ -18,8 +18,10 @@ class MoEgate(nn.Module):
 
     Routing math identical to Hugging Face's `Qwen3MoeTopKRouter` (softmax in float32 over all experts, top-k,
     optional renormalisation, weights cast to the activations' dtype), so MoE models export to `transformers`.
-    `forward(x)` takes `(B, T, dim)` (or `(N, dim)`, one sequence) and returns `(topk_idx (N, k), topk_weight (N, k),
-    aux_loss)`; the loss is per sequence (`seq_aux=True`) or over the batch, zero in eval mode or when alpha == 0."""
+    `forward(x, token_mask=None)` takes `(B, T, dim)` (or `(N, dim)`, one sequence) and returns `(topk_idx (N, k),
+    topk_weight (N, k), aux_loss)`; the loss is per sequence (`seq_aux=True`) or over the batch, over the real tokens
+    only (`token_mask`, x's leading dims, True/1 = real token), zero in eval mode or when alpha == 0. The mask
+    changes only the loss, never the routing."""
 
     def __init__(
         self,
@@ -47,32 +49,60 @@ class MoEgate(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_routed_experts, dim))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # what nn.Linear(dim, n_routed_experts) would do
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch = x.shape[0] if x.dim() == 3 else 1
+        if token_mask is not None:  # only the loss reads it, but a wrong shape fails in eval mode too
+            try:
+                token_mask = token_mask.expand(x.shape[:-1]).reshape(batch, -1)
+            except RuntimeError:
+                raise ValueError(
+                    f"token_mask of shape {tuple(token_mask.shape)} does not broadcast to x's leading dims "
+                    f"{tuple(x.shape[:-1])}: pass one entry per token (True/1 = real token, False/0 = padding)"
+                ) from None
         logits = F.linear(x.reshape(-1, x.shape[-1]), self.weight)  # (N, E), in the activations' dtype
         scores = logits.softmax(dim=-1, dtype=torch.float32)
         topk_weight, topk_idx = torch.topk(scores, self.top_k, dim=-1)
         if self.norm_topk_prob:
             topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
         if self.training and self.alpha > 0:
-            aux_loss = self.load_balancing_loss(scores.view(batch, -1, self.n_routed_experts), topk_idx.view(batch, -1))
+            scores = scores.view(batch, -1, self.n_routed_experts)
+            aux_loss = self.load_balancing_loss(scores, topk_idx.view(batch, -1), token_mask)
         else:
             aux_loss = scores.new_zeros(())
         return topk_idx, topk_weight.to(logits.dtype), aux_loss
 
-    def load_balancing_loss(self, scores: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
-        """alpha · Σ_i f_i P_i per sequence, averaged (`scores (B, T, E)`, `topk_idx (B, T·k)`); balanced routing gives alpha."""
+    def load_balancing_loss(
+        self, scores: torch.Tensor, topk_idx: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """alpha · Σ_i f_i P_i over the real tokens of each sequence, averaged over the sequences that have one.
+
+        `scores (B, T, E)`, `topk_idx (B, T·k)`, `token_mask (B, T)` (True/1 = real token; None = all real).
+        Padding is left out because pad positions all route alike and their number depends on batching; a batch
+        without a real token gives 0. Balanced routing gives alpha; with no mask (or all ones) the result is the
+        unmasked formula's, bit for bit on the CPU."""
+        if token_mask is None:
+            real = torch.ones(scores.shape[:2], dtype=torch.bool, device=scores.device)
+        else:
+            real = token_mask.bool()
         if not self.seq_aux:  # batch-level: the whole batch is one sequence
             scores, topk_idx = scores.reshape(1, -1, scores.shape[-1]), topk_idx.reshape(1, -1)
-        counts = torch.zeros_like(scores[:, 0]).scatter_add_(1, topk_idx, torch.ones_like(topk_idx, dtype=scores.dtype))
-        f = counts * (self.n_routed_experts / topk_idx.shape[1])  # E · share of the T·k assignments
-        p = scores.mean(dim=1)
-        return self.alpha * (f * p).sum(dim=1).mean()
+            real = real.reshape(1, -1)
+        n_real = real.sum(dim=1, keepdim=True).to(scores.dtype)  # (B, 1) real tokens per sequence
+        n = n_real.clamp(min=1)  # an all-padding sequence has zero counts and probabilities: 0, not 0/0
+        assigned = real.to(scores.dtype).repeat_interleave(self.top_k, dim=1)  # 1 for each real token's k slots
+        counts = torch.zeros_like(scores[:, 0]).scatter_add_(1, topk_idx, assigned)
+        # E · share of the n·k real assignments; full_like: a float32 division (E / tensor multiplies by a reciprocal)
+        f = counts * (torch.full_like(n, self.n_routed_experts) / (self.top_k * n))
+        p = torch.where(real.unsqueeze(-1), scores, 0.0).sum(dim=1) / n
+        return self.alpha * ((f * p).sum(dim=1).sum() / (n_real > 0).sum().clamp(min=1))
 
 # %% ../notebooks/05_moe.ipynb #moe
 class MoEFFN(nn.Module):
     """Mixture-of-experts SwiGLU FFN: top-k routed experts (`experts`, a ModuleList of `FFN`) plus optional
-    always-on `shared_experts`; `forward(x) -> (y, aux_loss)`.
+    always-on `shared_experts`; `forward(x, token_mask=None) -> (y, aux_loss)` (the mask, True/1 = real token, only
+    keeps padding out of the gate's balancing loss).
 
     The routed part equals Hugging Face's `Qwen3MoeSparseMoeBlock`. Dispatch groups the tokens by expert (argsort,
     gather, one matmul per expert on a contiguous slice, `index_add_` back), with a single host sync (the per-expert
@@ -98,8 +128,8 @@ class MoEFFN(nn.Module):
         self.experts = nn.ModuleList(FFN(dim, hidden_dim, multiple_of, dropout) for _ in range(n_routed_experts))
         self.shared_experts = nn.ModuleList(FFN(dim, hidden_dim, multiple_of, dropout) for _ in range(n_shared_experts))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        topk_idx, topk_weight, aux_loss = self.gate(x)
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        topk_idx, topk_weight, aux_loss = self.gate(x, token_mask)
         h = x.reshape(-1, x.shape[-1])
         y = self.dispatch(h, topk_idx, topk_weight)
         for expert in self.shared_experts:

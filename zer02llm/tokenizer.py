@@ -1,6 +1,7 @@
 """Byte-level BPE tokenizer with MiniMind's special tokens and a ChatML chat template.
 - `load_tokenizer(path=None) -> ChatTokenizer`: `None` loads the default shipped in `zer02llm/assets/tokenizer`; the seed's path `model/zer02llm_tokenizer` loads that folder when it exists, else the shipped default.
-- `ChatTokenizer`: `.encode(text) -> list[int]`, `.decode(ids) -> str` (exact inverse), `.vocab_size`, `.bos_id` (`<|im_start|>` = 1), `.eos_id` (`<|im_end|>` = 2), `.pad_id` (`<|endoftext|>` = 0), `.apply_chat_template(messages, add_generation_prompt=False) -> str`, `.encode_chat(messages) -> (ids, mask)` (mask True on assistant content and its `<|im_end|>`), `.stream_decoder()` (`push(id) -> str` emits only whole UTF-8 characters, `flush()`), `.save(dir)`.
+- `ChatTokenizer`: `.encode(text) -> list[int]`, `.decode(ids) -> str` (exact inverse), `.vocab_size`, `.bos_id` (`<|im_start|>` = 1), `.eos_id` (`<|im_end|>` = 2), `.pad_id` (`<|endoftext|>` = 0), `.apply_chat_template(messages, add_generation_prompt=False) -> str`, `.encode_chat(messages) -> (ids, mask)` (mask True on assistant content and its `<|im_end|>`), `.stream_decoder(skip_special_tokens=False) -> StreamDecoder`, `.save(dir)`.
+- `StreamDecoder`: `push(ids) -> str` returns only whole characters, `flush()` the rest; joined, they equal `decode`.
 - Saved as `tokenizer.json` + `tokenizer_config.json` (with the Jinja chat template): `transformers.AutoTokenizer.from_pretrained(dir)` loads it too.
 - `python -m zer02llm.tokenizer --train [--vocab_size 6400] [--out zer02llm/assets/tokenizer] [--data file.jsonl]` retrains the shipped tokenizer from the built-in corpus (deterministic), or trains one on a JSONL file of `{"text"}`."""
 
@@ -8,25 +9,29 @@
 
 # %% auto #0
 __all__ = ['PAD_TOKEN', 'BOS_TOKEN', 'EOS_TOKEN', 'SPECIAL_TOKENS', 'DEFAULT_VOCAB_SIZE', 'SEED_TOKENIZER_PATH', 'CHAT_TEMPLATE',
-           'bytes_to_unicode', 'compile_chat_template', 'default_tokenizer_dir', 'ByteStreamDecoder', 'ChatTokenizer',
+           'bytes_to_unicode', 'compile_chat_template', 'default_tokenizer_dir', 'StreamDecoder', 'ChatTokenizer',
            'train_tokenizer', 'builtin_texts', 'load_tokenizer', 'main']
 
 # %% ../notebooks/07b_tokenizer.ipynb #imports
 import argparse
-import codecs
 import hashlib
 import json
+import operator
 import os
 import re
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers.decoders import DecodeStream
 
 from .corpus import DEFAULT_SIZE_MB, builtin_records, check_messages, check_text, iter_jsonl
 from .utils import atomic_open
+
+if TYPE_CHECKING:  # for the type hints only: the tokenizer works without torch
+    import torch
 
 # %% ../notebooks/07b_tokenizer.ipynb #bytes-to-unicode
 def bytes_to_unicode() -> dict[int, str]:
@@ -78,20 +83,60 @@ def default_tokenizer_dir() -> Path:
     return Path(str(files("zer02llm").joinpath("assets", "tokenizer")))
 
 # %% ../notebooks/07b_tokenizer.ipynb #chat-tokenizer
-class ByteStreamDecoder:
-    """Token ids in, text out, never half a UTF-8 character: `push(id) -> str`, `flush() -> str` at the end."""
+def _flat_ids(token_ids) -> list[int]:
+    """An int, a (nested) sequence of ints, or anything with `.tolist()` (a tensor or array of any shape), flattened."""
+    if hasattr(token_ids, "tolist"):  # duck-typed, so this module never imports torch
+        token_ids = token_ids.tolist()
+    if isinstance(token_ids, (list, tuple, range)):
+        return [i for t in token_ids for i in _flat_ids(t)]
+    return [operator.index(token_ids)]  # a TypeError for floats and strings
 
-    def __init__(self, token_bytes: list[bytes]):
-        self._token_bytes = token_bytes
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def push(self, token_id: int) -> str:
-        if 0 <= token_id < len(self._token_bytes):
-            return self._utf8.decode(self._token_bytes[token_id])
-        return ""  # like the library's decode, which skips ids outside the vocabulary
+class StreamDecoder:
+    """Token ids in, text out as soon as it is complete: `push(ids) -> str`, then `flush() -> str` at the end.
+
+    Why: a token is a run of bytes and can end in the middle of a multi-byte UTF-8 character, so decoding each token
+    alone shows `�` for half a character. `tokenizers.decoders.DecodeStream` holds such bytes back, and it keeps only
+    a short window of recent ids and their text, so each step costs O(1) instead of re-decoding all the text so far.
+
+    Contract: the pieces of all pushes followed by `flush()` equal `decode(all_ids, skip_special_tokens)`, for any
+    ids. Each piece extends the text so far and never ends in half a character; a `�` comes out only where `decode`
+    has one (invalid bytes are held back until a later token shows they stay invalid). Ids outside the vocabulary
+    add nothing, as in `decode`; ids below 0 or from 2**32 up raise ValueError (`decode` rejects them too).
+    `flush()` returns the bytes still pending (an unfinished character as `�`, where `decode` puts one) and resets
+    the decoder for a new stream.
+    """
+
+    def __init__(self, tokenizer: "ChatTokenizer", skip_special_tokens: bool = False):
+        self._tokenizer, self._skip_special_tokens = tokenizer, skip_special_tokens
+        self._reset()
+
+    def _reset(self) -> None:
+        self._stream = DecodeStream(skip_special_tokens=self._skip_special_tokens)
+        self._pending: list[int] = []  # ids pushed since the stream last returned text
+
+    def push(self, token_ids: "int | Sequence[int] | torch.Tensor") -> str:
+        """Add token ids (an int, a list, or a tensor of any shape); return the text that became complete, or ""."""
+        ids = _flat_ids(token_ids)
+        bad = [i for i in ids if not 0 <= i < 2**32]
+        if bad:
+            raise ValueError(f"token ids must be in [0, 2**32), got {bad[:5]}")
+        pieces = []
+        for i in ids:  # one id per step, so that text completed inside a list is returned now, not with a later push
+            self._pending.append(i)
+            text = self._stream.step(self._tokenizer.tokenizer, i)
+            if text is not None:
+                pieces.append(text)
+                self._pending.clear()
+        return "".join(pieces)
 
     def flush(self) -> str:
-        return self._utf8.decode(b"", final=True)
+        """The rest of the text (`�` for bytes that never became a character); the decoder is then ready to reuse."""
+        # When the stream last returned text, the bytes so far ended in a whole character, and byte-level decoding
+        # is "join the bytes, read UTF-8": so the pending ids decode on their own exactly as at the end of decode(all).
+        text = self._tokenizer.decode(self._pending, skip_special_tokens=self._skip_special_tokens)
+        self._reset()
+        return text
 
 
 class ChatTokenizer:
@@ -109,7 +154,6 @@ class ChatTokenizer:
         if missing:
             raise ValueError(f"the tokenizer has no special token(s) {missing}")
         self.bos_id, self.eos_id, self.pad_id = ids[bos_token], ids[eos_token], ids[pad_token]
-        self._token_bytes: list[bytes] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -125,20 +169,9 @@ class ChatTokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    @property
-    def token_bytes(self) -> list[bytes]:
-        """The raw bytes of every token id (special tokens: their UTF-8 text)."""
-        if self._token_bytes is None:
-            byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
-            added = {i: t.content for i, t in self.tokenizer.get_added_tokens_decoder().items()}
-            self._token_bytes = [
-                added[i].encode("utf-8") if i in added else bytes(byte_of[ch] for ch in self.tokenizer.id_to_token(i))
-                for i in range(self.vocab_size)
-            ]
-        return self._token_bytes
-
-    def stream_decoder(self) -> ByteStreamDecoder:
-        return ByteStreamDecoder(self.token_bytes)
+    def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
+        """A fresh `StreamDecoder` for generated ids: its pieces join to `decode(ids, skip_special_tokens)`."""
+        return StreamDecoder(self, skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         problem = check_messages(messages) if messages else None

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from .config import LLMconfig
 from .corpus import FILES, write_builtin_dataset
 from .data import PretrainDataset, SFTDataset
+from .fast import compile_model
 from .lora import apply_lora, merge_lora, save_lora
 from .model import LLM
 from .tokenizer import load_tokenizer
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available; under --ddp cuda:LOCAL_RANK or cpu)")
     g.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="autocast dtype (default: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU)")
-    g.add_argument("--compile", default=False, **switch, help="torch.compile the model")
+    g.add_argument("--compile", default=False, **switch,
+                   help="torch.compile the model's blocks (zer02llm.fast.compile_model)")
     g.add_argument("--ddp", default=False, **switch, help="data parallel over the processes torchrun started")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # old launchers
@@ -233,7 +235,8 @@ def format_record(record: dict, total_steps: int) -> str:
     step = f"step {record['step']:>{len(str(total_steps))}}/{total_steps}"
     if "val_loss" in record:
         return f"{step} | val loss {record['val_loss']:.4f} | val ppl {math.exp(min(record['val_loss'], 50)):.2f}"
-    return (f"{step} | epoch {record['epoch'] + 1} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+    aux = f" | aux loss {record['aux_loss']:.4f}" if "aux_loss" in record else ""
+    return (f"{step} | epoch {record['epoch'] + 1} | loss {record['lm_loss']:.4f}{aux} | lr {record['lr']:.3e} | "
             f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s")
 
 
@@ -272,7 +275,9 @@ def run(args) -> dict:
                       accumulation_steps=args.accumulation_steps, grad_clip=args.grad_clip, weight_decay=args.weight_decay,
                       dtype=args.dtype or default_dtype(device), max_steps=args.max_steps, log_interval=args.log_interval,
                       eval_interval=args.eval_interval, eval_batches=args.eval_batches, save_interval=args.save_interval,
-                      num_workers=args.num_workers, seed=args.seed, compile=args.compile)
+                      num_workers=args.num_workers, seed=args.seed)
+    if args.compile:  # one entry point for torch.compile (chapter 11); saving still sees the plain modules
+        compile_model(model, decode=False)
     ckpt = checkpoint_path(args.out_dir, args.mode, model.config.dim, model.config.use_moe)
     save_model = None
     if args.lora_rank:

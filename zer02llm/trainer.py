@@ -2,8 +2,7 @@
 
 # %% auto #0
 __all__ = ['DTYPES', 'param_groups', 'configure_optimizer', 'get_lr', 'default_dtype', 'autocast_context', 'make_grad_scaler',
-           'checkpoint_path', 'resume_path', 'split_train_val', 'epoch_loader', 'rng_state', 'set_rng_state',
-           'TrainConfig', 'Trainer']
+           'checkpoint_path', 'resume_path', 'split_train_val', 'rng_state', 'set_rng_state', 'TrainConfig', 'Trainer']
 
 # %% ../notebooks/08_pretrain.ipynb #optimizer
 import math
@@ -19,9 +18,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
+from .data import IGNORE_INDEX, make_loader
 from .utils import atomic_save
 
 
@@ -97,20 +97,6 @@ def split_train_val(dataset: Dataset, n_val: int) -> tuple[Subset, Subset]:
     return Subset(dataset, range(len(dataset) - n_val)), Subset(dataset, range(len(dataset) - n_val, len(dataset)))
 
 
-def epoch_loader(dataset: Dataset, batch_size: int, epoch: int, seed: int = 0, skip_batches: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """The batches of one epoch for one rank, in an order that depends only on (seed, epoch): `DistributedSampler`
-    shards and shuffles (with one rank too), `set_epoch` reshuffles, and the first `skip_batches` are skipped by
-    index (how a resumed run continues mid-epoch)."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    indices = list(sampler)[skip_batches * batch_size:]
-    if num_workers > 0:
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return DataLoader(dataset, batch_size=batch_size, sampler=indices, drop_last=True, num_workers=num_workers,
-                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed + epoch))
-
-
 def rng_state() -> dict:
     """The state of every random generator a training step may draw from (python, numpy, torch CPU and CUDA)."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
@@ -158,7 +144,6 @@ class TrainConfig:
     save_interval: int = 0  # 0: save only at the end
     num_workers: int = 0
     seed: int = 42
-    compile: bool = False
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -188,13 +173,12 @@ class Trainer:
         self.train_data, self.val_data = train_data, val_data
         self.ddp = dist.is_available() and dist.is_initialized()
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if self.ddp else (0, 1)
-        self.raw_model = model.to(self.device)  # what is saved; self.model is what runs (compiled, DDP-wrapped)
-        self.model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
-        if self.ddp:
-            moe = bool(getattr(getattr(model, "config", None), "use_moe", False))
-            self.model = DistributedDataParallel(  # experts no token was routed to get no gradient: tell DDP
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False, find_unused_parameters=moe)
+        self.raw_model = model.to(self.device)  # what is saved; self.model is what runs (DDP-wrapped)
+        self.model = self.raw_model
+        if self.ddp:  # every parameter gets a gradient at every step (MoE experts too: each runs, even on 0 tokens)
+            self.model = DistributedDataParallel(self.model, broadcast_buffers=False,
+                                                 device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.moe = bool(getattr(getattr(model, "config", None), "use_moe", False))
         self.optimizer = configure_optimizer(self.raw_model, cfg.learning_rate, cfg.weight_decay)
         self.scaler = make_grad_scaler(cfg.dtype, self.device.type)
         self.amp = autocast_context(self.device.type, cfg.dtype)
@@ -224,17 +208,17 @@ class Trainer:
             self.model.train()
             while self.step < self.total_steps:
                 epoch = self.epoch
-                batches = iter(epoch_loader(self.train_data, cfg.batch_size, epoch, cfg.seed, self.batch_in_epoch,
-                                            self.rank, self.world_size, num_workers=cfg.num_workers,
-                                            pin_memory=self.device.type == "cuda"))
+                batches = iter(make_loader(self.train_data, cfg.batch_size, epoch, cfg.seed, self.batch_in_epoch,
+                                           self.rank, self.world_size, num_workers=cfg.num_workers,
+                                           pin_memory=self.device.type == "cuda"))
                 while self.step < self.total_steps and self.epoch == epoch:
                     t0 = time.perf_counter()
-                    loss, grad_norm, n_tokens = self.train_step(batches)  # ends with .item(): GPU work is done
-                    busy, tokens = busy + time.perf_counter() - t0, tokens + n_tokens
+                    result = self.train_step(batches)  # ends with .item(): GPU work is done
+                    busy, tokens = busy + time.perf_counter() - t0, tokens + result.pop("tokens")
                     bar.update(1)
                     if self.step % cfg.log_interval == 0 or self.step == self.total_steps:
-                        self._record({"step": self.step, "epoch": epoch, "loss": loss, "lr": self.lr,
-                                      "grad_norm": grad_norm, "tokens_per_s": tokens / max(busy, 1e-9)})
+                        self._record({"step": self.step, "epoch": epoch, **result, "lr": self.lr,
+                                      "tokens_per_s": tokens / max(busy, 1e-9)})
                         busy, tokens = 0.0, 0
                     if self.step < self.total_steps:
                         if self.val_data is not None and cfg.eval_interval and self.step % cfg.eval_interval == 0:
@@ -248,23 +232,38 @@ class Trainer:
         self.save()
         return self.history
 
-    def train_step(self, batches) -> tuple[float, float, int]:
-        """One optimizer step over `accumulation_steps` micro-batches; returns (loss, gradient norm, tokens)."""
-        cfg, k = self.cfg, self.cfg.accumulation_steps
+    def _on_device(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(input_ids, labels, attention_mask or None) on the device; pretraining batches have no mask."""
+        x, y, *mask = batch
+        to = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+        return to(x), to(y), to(mask[0]) if mask else None
+
+    def train_step(self, batches) -> dict:
+        """One optimizer step over `accumulation_steps` micro-batches; returns lm_loss, (aux_loss,) grad_norm, tokens.
+
+        The step's LM loss is the sum of its token losses over the number of labelled tokens in the whole step (all
+        micro-batches, all processes), so the gradient does not depend on how the batch is split."""
+        cfg, k, world = self.cfg, self.cfg.accumulation_steps, self.world_size
         self.lr = get_lr(self.step, self.total_steps, cfg.learning_rate, cfg.warmup_iters, cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        loss_sum, n_tokens = torch.zeros((), device=self.device), 0
-        for i in range(k):
-            x, y = next(batches)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        micro = [next(batches) for _ in range(k)]
+        counts = torch.tensor([sum(int((b[1][:, 1:] != IGNORE_INDEX).sum()) for b in micro),  # labelled tokens
+                               sum(b[0].numel() if len(b) == 2 else int(b[2].sum()) for b in micro)],  # real tokens
+                              device=self.device, dtype=torch.float64)
+        if self.ddp:
+            dist.all_reduce(counts)
+        per_rank = counts[0].clamp_min(1).float() / world  # DDP averages the gradients over the processes
+        losses = torch.zeros(2, device=self.device)  # (LM loss, aux loss) of the step, this process's share
+        for i, batch in enumerate(micro):
+            x, y, mask = self._on_device(batch)
             sync = not self.ddp or i == k - 1  # all-reduce the gradients once, after the last micro-batch
             with nullcontext() if sync else self.model.no_sync():
                 with self.amp:
-                    loss = self.model(x, labels=y).loss / k
+                    out = self.model(x, labels=y, attention_mask=mask, num_items_in_batch=per_rank)
+                loss = out.lm_loss + out.aux_loss / k
                 self.scaler.scale(loss).backward()
-            loss_sum += loss.detach().float()
-            n_tokens += x.numel() * self.world_size
+            losses += torch.stack([out.lm_loss.detach().float() / world, out.aux_loss.detach().float() / (k * world)])
         self.batch_in_epoch += k
         if self.batch_in_epoch == self.steps_per_epoch * k:  # the epoch's tail (less than one step) is dropped
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
@@ -276,35 +275,37 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if self.ddp:
-            dist.all_reduce(loss_sum)  # the mean over processes (gloo has no AVG: sum, then divide)
-            loss_sum /= self.world_size
-        loss_value, norm_value = loss_sum.item(), grad_norm.item()
-        if not math.isfinite(loss_value) or not (math.isfinite(norm_value) or self.scaler.is_enabled()):
+            dist.all_reduce(losses)  # each process holds its share: the sum is the step's value
+        lm_value, aux_value = losses.tolist()
+        norm_value = grad_norm.item()
+        if not math.isfinite(lm_value + aux_value) or not (math.isfinite(norm_value) or self.scaler.is_enabled()):
             raise FloatingPointError(
-                f"the loss is {loss_value} (gradient norm {norm_value}) at step {self.step}: training diverged. Lower "
-                f"the learning rate, raise warmup_iters, keep grad_clip > 0, or use bfloat16/float32 instead of float16."
-                f" Nothing was saved for this step; the last checkpoint is intact")
-        return loss_value, norm_value, n_tokens
+                f"the loss is {lm_value + aux_value} (gradient norm {norm_value}) at step {self.step}: training "
+                f"diverged. Lower the learning rate, raise warmup_iters, keep grad_clip > 0, or use bfloat16/float32 "
+                f"instead of float16. Nothing was saved for this step; the last checkpoint is intact")
+        result = {"lm_loss": lm_value, **({"aux_loss": aux_value} if self.moe else {}), "grad_norm": norm_value}
+        return {**result, "tokens": int(counts[1])}
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean language-model loss (without the MoE aux loss) over up to `eval_batches` validation batches."""
+        """The LM loss (without the MoE aux loss) per labelled token of up to `eval_batches` validation batches."""
         self.raw_model.eval()
-        total = torch.zeros(2, device=self.device)  # (sum of batch losses, batches), summed over ranks
-        loader = epoch_loader(self.val_data, self.cfg.batch_size, 0, self.cfg.seed, 0, self.rank, self.world_size,
-                              shuffle=False)
-        for i, (x, y) in enumerate(loader):
+        total = torch.zeros(2, device=self.device)  # (sum of token losses, labelled tokens), summed over ranks
+        loader = make_loader(self.val_data, self.cfg.batch_size, 0, self.cfg.seed, 0, self.rank, self.world_size,
+                             shuffle=False)
+        for i, batch in enumerate(loader):
             if i == self.cfg.eval_batches:
                 break
+            x, y, mask = self._on_device(batch)
             with self.amp:
-                out = self.raw_model(x.to(self.device), labels=y.to(self.device))
-            total += torch.stack([(out.loss - out.aux_loss).float(), torch.ones((), device=self.device)])
+                out = self.raw_model(x, labels=y, attention_mask=mask, num_items_in_batch=1)  # the sum
+            total += torch.stack([out.lm_loss.float(), (y[:, 1:] != IGNORE_INDEX).sum().float()])
         if self.ddp:
             dist.all_reduce(total)
         self.raw_model.train()
         if total[1] == 0:
-            raise ValueError(f"the validation set ({len(self.val_data)} examples) is smaller than one batch of "
-                             f"{self.cfg.batch_size} per process")
+            raise ValueError(f"the validation set ({len(self.val_data)} examples) has no labelled token in "
+                             f"{self.cfg.eval_batches} batches of {self.cfg.batch_size} per process")
         return (total[0] / total[1]).item()
 
     def _record(self, record: dict) -> None:
@@ -369,7 +370,7 @@ class Trainer:
         if not path.exists():
             return False
         try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay CPU tensors
         except Exception as e:
             raise ValueError(f"cannot read the resume state {path} ({type(e).__name__}: {e}); "
                              "delete it to start over") from None
