@@ -1,6 +1,6 @@
 """Peak resident memory of one implementation doing one task, in a fresh process.
 
-`python -m bench.memory --impl zer02llm|transformers --task train|decode --hf-dir D --ckpt C [...]` prints one JSON
+`python -m bench.memory --impl zer02llm|"zer02llm fast"|transformers --task train|decode --hf-dir D --ckpt C [...]` prints one JSON
 line. A fresh process per measurement, because the high-water mark (VmHWM in /proc/self/status) only grows, and
 `ru_maxrss` would even carry over from the parent. Each process imports only its own library: ours loads our
 checkpoint, transformers loads the exported folder (same weights). Reported: the process's peak (imports, loading
@@ -37,7 +37,7 @@ def reset_peak() -> bool:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--impl", choices=["zer02llm", "transformers"], required=True)
+    ap.add_argument("--impl", choices=["zer02llm", "zer02llm fast", "transformers"], required=True)
     ap.add_argument("--task", choices=["train", "decode"], required=True)
     ap.add_argument("--hf-dir", required=True)
     ap.add_argument("--ckpt", required=True)
@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.decode_threads)
         model.eval()
         prompt = torch.randint(0, vocab, (1, args.prompt))
-        (hf_generate if args.impl == "transformers" else ours_generate)(model, prompt, args.new_tokens)
+        if args.impl == "transformers":
+            hf_generate(model, prompt, args.new_tokens)
+        else:
+            ours_generate(model, prompt, args.new_tokens, lean=args.impl == "zer02llm fast")
     task_peak = proc_status_mb("VmHWM")
     result = {"peak_rss_mb": max(load_peak or 0, task_peak or 0) or None, "load_peak_mb": load_peak,
               "rss_after_load_mb": after_load, "task_peak_mb": task_peak if task_peak_ok else None}

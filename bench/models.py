@@ -46,7 +46,8 @@ def make_pair(kwargs: dict, max_seq_len: int, workdir: Path, seed: int = 0) -> P
     torch.manual_seed(seed)
     name = "moe" if kwargs.get("use_moe") else "dense"
     hf_dir = Path(workdir) / f"{name}-hf"
-    export_hf(LLM(LLMconfig(**kwargs, max_seq_len=max_seq_len)), hf_dir)
+    # eos_token_id=None: greedy decoding of a random model must run the full length on both sides, whatever it emits
+    export_hf(LLM(LLMconfig(**kwargs, max_seq_len=max_seq_len)), hf_dir, eos_token_id=None)
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     ours = import_hf(hf_dir, max_seq_len=max_seq_len).eval()
     ckpt = ours.save_checkpoint(Path(workdir) / f"{name}.pt")

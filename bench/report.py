@@ -4,14 +4,14 @@ import json
 import math
 from pathlib import Path
 
-from bench.tasks import COMPILED, HF, OURS
+from bench.tasks import COMPILED, FAST, HF, OURS
 from bench.timing import median
 
-IMPLS = (HF, OURS, COMPILED)
+IMPLS = (HF, OURS, FAST, COMPILED)
 
 
 def row(bench: str, unit: str, values: dict[str, list[float]], higher_is_better: bool, target: dict | None = None,
-        note: str = "") -> dict:
+        note: str = "", show_note: bool = False) -> dict:
     """One benchmark: raw per-round values, medians and the advantage over transformers (> 1 = better than HF)."""
     med = {k: median(v) for k, v in values.items()}
     ref = med.get(HF)
@@ -20,7 +20,7 @@ def row(bench: str, unit: str, values: dict[str, list[float]], higher_is_better:
         if k != HF and ref and m and not math.isnan(m) and not math.isnan(ref):
             adv[k] = m / ref if higher_is_better else ref / m
     return {"bench": bench, "unit": unit, "higher_is_better": higher_is_better, "values": values, "median": med,
-            "x_hf": adv, "target": target or {}, "note": note}
+            "x_hf": adv, "target": target or {}, "note": note, "show_note": show_note}
 
 
 def _fmt(x: float | None) -> str:
@@ -46,6 +46,7 @@ def table(rows: list[dict], header: str) -> str:
     fmt = lambda cells: "  ".join(str(c).ljust(w) if j < 2 else str(c).rjust(w) for j, (c, w) in enumerate(zip(cells, widths)))
     out = [header, "", fmt(cols), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines]
     out.append("")
+    out += [f"{r['bench']}: {r['note']}" for r in rows if r.get("show_note")]
     out.append("×HF: how many times better than transformers (tokens/s ratio; for ms/token and MB the inverse ratio).")
     return "\n".join(out)
 

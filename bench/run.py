@@ -24,14 +24,15 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from bench import models, report  # noqa: E402
-from bench.tasks import COMPILED, HF, OURS, TrainStep, check_first_losses, context_fns, decode_fns  # noqa: E402
+from bench.tasks import (COMPILED, FAST, HF, OURS, SFTStep, TrainStep, check_first_losses, context_fns,  # noqa: E402
+                         decode_fns)
 from bench.timing import median, round_robin  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL = ("train", "moe", "decode", "context", "memory", "gpu")
-TARGETS = {  # the issue's targets, × transformers
-    "train": {OURS: 1.0, COMPILED: 1.1}, "moe": {OURS: 1.15, COMPILED: 1.25}, "decode": {OURS: 1.6, COMPILED: 2.0},
-    "memory": {OURS: 1.0},
+ALL = ("train", "moe", "sft", "decode", "context", "memory", "gpu")
+TARGETS = {  # the issues' targets, × transformers
+    "train": {OURS: 1.0, COMPILED: 1.1}, "moe": {OURS: 1.15, COMPILED: 1.25},
+    "decode": {OURS: 1.2, FAST: 1.6, COMPILED: 2.0}, "memory": {OURS: 1.0, FAST: 1.0},
 }
 
 
@@ -59,8 +60,8 @@ def load() -> list[float]:
 
 
 def compiled_copy(model, log, training: bool):
-    """A copy of our model through the optional compiled path (zer02llm.fast): its blocks for training, its one-token
-    decode step for generation (the prompt pass of a generate call is too short to repay compiling it)."""
+    """A copy of our model through the optional compiled path (zer02llm.fast): its blocks for training, the lean
+    one-token step of `fast.generate` for decoding (the prompt pass of a call is too short to repay compiling it)."""
     try:
         from zer02llm import fast
     except ImportError:
@@ -92,6 +93,7 @@ def parse(argv):
         args.out = models.workdir() / "results" if q else ROOT / "bench" / "results"
     args.dense, args.moe_cfg = (models.TINY, models.TINY_MOE) if q else (models.DENSE, models.MOE)
     args.batch, args.seq = (2, 32) if q else (8, 256)
+    args.sft_len = 64 if q else 512  # the trainer's default max_seq_len
     args.prompt, args.new_tokens = (8, 16) if q else (32, 256)
     args.contexts, args.context_tokens = ((8, 32), 6) if q else ((64, 256, 1024), 16)
     args.targets = {} if q else TARGETS  # the issue's targets are for the real configurations
@@ -142,9 +144,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                note=f"first losses: {same}"))
         del impls, fns
 
+    if "sft" in args.only:
+        rows.append(sft_row(args, log, train_threads))
+
     if {"decode", "context"} & set(args.only):
         torch.set_num_threads(args.decode_threads)
-        impls = {HF: dense.hf, OURS: dense.ours}
+        impls = {HF: dense.hf, OURS: dense.ours, FAST: dense.ours}
         if args.compile and (c := compiled_copy(dense.ours, log, training=False)) is not None:
             impls[COMPILED] = c.eval()
         if "decode" in args.only:
@@ -175,8 +180,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         tasks = [("train", dense, "dense"), ("train", moe, "MoE"), ("decode", dense, "dense")]
         if args.quick:
             tasks = tasks[2:]
-        log(f"[memory] peak RSS: {len(tasks)} tasks x {{{HF}, {OURS}}}, one fresh process each, all at once")
-        details = memory_runs((HF, OURS), [(task, pair) for task, pair, _ in tasks], args)  # a peak does not depend on speed
+        log(f"[memory] peak RSS: {len(tasks)} tasks x {{{HF}, {OURS}}} (decode: also {FAST}), one fresh process each, "
+            "all at once")
+        details = memory_runs([(task, pair) for task, pair, _ in tasks], args)  # a peak does not depend on speed
         for (task, pair, label), detail in zip(tasks, details):
             values = {impl: [d["peak_rss_mb"]] for impl, d in detail.items()}
             for impl, d in detail.items():
@@ -201,18 +207,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
-def memory_runs(impls, tasks: list[tuple[str, models.Pair]], args) -> list[dict[str, dict]]:
+def memory_runs(tasks: list[tuple[str, models.Pair]], args) -> list[dict[str, dict]]:
     """One fresh `python -m bench.memory` process per (task, implementation), all started together; for each task,
-    the JSON results of every implementation."""
+    the JSON results of every implementation (decoding: the default and the fast path of ours)."""
     procs = []
-    for task, pair in tasks:
-        for impl in impls:
+    for t, (task, pair) in enumerate(tasks):
+        for impl in ((HF, OURS, FAST) if task == "decode" else (HF, OURS)):
             cmd = [sys.executable, "-m", "bench.memory", "--impl", impl, "--task", task, "--hf-dir", str(pair.hf_dir),
                    "--ckpt", str(pair.ckpt), "--batch", str(args.batch), "--seq", str(args.seq), "--prompt", str(args.prompt),
                    "--new-tokens", str(args.new_tokens), "--decode-threads", str(args.decode_threads)]
             if pair.ours.config.use_moe:
                 cmd.append("--moe")
-            procs.append((len(procs) // len(impls), impl, cmd,
+            procs.append((t, impl, cmd,
                           subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)))
     results: list[dict[str, dict]] = [{} for _ in tasks]
     for i, impl, cmd, proc in procs:
@@ -221,6 +227,34 @@ def memory_runs(impls, tasks: list[tuple[str, models.Pair]], args) -> list[dict[
             raise RuntimeError(f"memory worker failed ({' '.join(cmd)}):\n{err[-3000:]}")
         results[i][impl] = json.loads(out.strip().splitlines()[-1])
     return results
+
+
+def sft_row(args, log, threads: int) -> dict:
+    """SFT steps on the built-in conversations, real tokens/s: every example padded to max_seq_len (how the trainer
+    batched before) against each batch padded to its longest example (`SFTDataset.collate`), same model, same run."""
+    from zer02llm.corpus import write_builtin_dataset
+    from zer02llm.data import SFTDataset
+    from zer02llm.tokenizer import load_tokenizer
+
+    from zer02llm.config import LLMconfig
+    from zer02llm.model import LLM
+
+    tok = load_tokenizer()
+    sft = SFTDataset(write_builtin_dataset(models.workdir() / "dataset", size_mb=0.05)["sft"], tok, args.sft_len)
+    torch.manual_seed(0)
+    model = LLM(LLMconfig(**{**args.dense, "vocab_size": tok.vocab_size}, max_seq_len=args.sft_len))
+    batches = [list(range(i * args.batch, (i + 1) * args.batch)) for i in range(4)]
+    mean = sum(len(sft[i][0]) for b in batches for i in b) / (4 * args.batch)
+    log(f"[sft] SFT step, batch {args.batch}, conversations of {mean:.0f} tokens on average, fp32, {threads} threads")
+    before, after = f"padded to {args.sft_len}", "padded per batch"
+    fns = {before: SFTStep(models.clone(model), sft, batches, pad_to=args.sft_len),
+           after: SFTStep(models.clone(model), sft, batches)}
+    values = round_robin(fns, args.rounds, warmup=1, log=log)
+    gain = median(values[after]) / median(values[before])
+    log(f"    {before} {median(values[before]):.0f}, {after} {median(values[after]):.0f} real tokens/s: {gain:.2f}x")
+    return report.row(f"train SFT B{args.batch} (fwd+bwd+AdamW)", "real tok/s", {OURS: values[after]}, True,
+                      note=f"{before} (before): {median(values[before]):.1f} real tokens/s; {after}: "
+                           f"{median(values[after]):.1f}; speed-up {gain:.2f}x", show_note=True)
 
 
 PEAK_BF16_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10G": 70,

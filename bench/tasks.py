@@ -6,7 +6,9 @@ import torch
 
 from bench.timing import median
 
-HF, OURS, COMPILED = "transformers", "zer02llm", "zer02llm+compile"
+HF, OURS, FAST, COMPILED = "transformers", "zer02llm", "zer02llm fast", "zer02llm+compile"
+# decoding: OURS = `model.generate` (the readable forward step), FAST = `zer02llm.fast.generate` (chapter 11's lean
+# CPU step), COMPILED = FAST with the lean step compiled; training: COMPILED = the blocks compiled
 
 
 def _sync(device: torch.device) -> None:
@@ -86,8 +88,10 @@ def hf_generate(model, prompt: torch.Tensor, n: int, streamer=None) -> torch.Ten
                           do_sample=False, pad_token_id=0, streamer=streamer)
 
 
-def ours_generate(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
-    return model.generate(prompt, max_new_tokens=n, temperature=0)
+def ours_generate(model, prompt: torch.Tensor, n: int, lean: bool = False) -> torch.Tensor:
+    from zer02llm import fast
+
+    return (fast.generate if lean else type(model).generate)(model, prompt, max_new_tokens=n, temperature=0)
 
 
 def decode_fns(models: dict, prompt: torch.Tensor, n: int) -> tuple[dict[str, Callable[[], float]], dict[str, torch.Tensor]]:
@@ -95,12 +99,10 @@ def decode_fns(models: dict, prompt: torch.Tensor, n: int) -> tuple[dict[str, Ca
     outputs: dict[str, torch.Tensor] = {}
 
     def make(name, model):
-        gen = hf_generate if name == HF else ours_generate
-
         def run() -> float:
             _sync(prompt.device)
             t = time.perf_counter()
-            out = gen(model, prompt, n)
+            out = hf_generate(model, prompt, n) if name == HF else ours_generate(model, prompt, n, name != OURS)
             _sync(prompt.device)
             dt = time.perf_counter() - t
             outputs[name] = out
@@ -123,10 +125,43 @@ def context_fns(models: dict, prompt: torch.Tensor, n: int) -> dict[str, Callabl
         gaps = [b - a for a, b in zip(clock.times[1:], clock.times[2:])]  # times[0]: the prompt, times[1]: token 1
         return median(gaps) * 1e3
 
-    def ours_run(model) -> float:
+    def ours_run(model, lean: bool) -> float:
+        from zer02llm import fast
+
         times = []
-        for _ in model.generate(prompt, max_new_tokens=n, temperature=0, stream=True):
+        for _ in (fast.stream_generate if lean else type(model).stream_generate)(model, prompt, n, temperature=0):
             times.append(time.perf_counter())
         return median([b - a for a, b in zip(times, times[1:])]) * 1e3
 
-    return {name: (lambda m=m, f=(hf_run if name == HF else ours_run): f(m)) for name, m in models.items()}
+    return {name: (lambda m=m, k=name: hf_run(m) if k == HF else ours_run(m, k != OURS)) for name, m in models.items()}
+
+
+class SFTStep:
+    """One SFT optimizer step (forward + backward + AdamW) on a batch of conversations; a call returns real (not
+    padding) tokens per second. `pad_to` pads every example to that length without a mask, as before per-batch
+    padding; None uses `SFTDataset.collate` (pad to the longest example, attention mask)."""
+
+    def __init__(self, model: torch.nn.Module, dataset, batches: list[list[int]], pad_to: int | None = None):
+        self.model, self.opt = model.train(), make_optimizer(model)
+        self.batches = [self._batch(dataset, idx, pad_to) for idx in batches]
+        self.i = 0
+
+    @staticmethod
+    def _batch(dataset, idx: list[int], pad_to: int | None):
+        x, y, mask = dataset.collate([dataset[i] for i in idx])
+        if pad_to is None:
+            return x, y, mask
+        pad = pad_to - x.shape[1]
+        return (torch.nn.functional.pad(x, (0, pad), value=dataset.tokenizer.pad_id),
+                torch.nn.functional.pad(y, (0, pad), value=-100), None, int(mask.sum()))
+
+    def __call__(self) -> float:
+        batch = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        x, y, mask = batch[:3]
+        real = batch[3] if len(batch) == 4 else int(mask.sum())
+        t = time.perf_counter()
+        self.model(x, labels=y, attention_mask=mask).loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return real / (time.perf_counter() - t)
