@@ -236,3 +236,21 @@ def test_wandb_is_lazy_offline_without_a_key_and_explains_when_missing(corpus, t
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
     capsys.readouterr()
     assert "pip install wandb" in error_of(argv + ["--use_wandb"], capsys)
+
+
+def test_compile_flag_goes_through_compile_model(corpus, tmp_path, monkeypatch):
+    """One compile entry point: `--compile` compiles the model's blocks with zer02llm.fast.compile_model (here with
+    the aot_eager backend, which traces without generating code), and the run still trains and saves."""
+    from zer02llm import fast, train
+
+    calls = []
+
+    def spy(model, **kwargs):
+        calls.append(kwargs)
+        return fast.compile_model(model, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(train, "compile_model", spy)
+    monkeypatch.chdir(tmp_path)
+    code = main(["--mode", "pretrain", "--data_path", str(corpus["pretrain"]), *TINY, "--max_steps", "2", "--compile"])
+    assert code == 0 and calls == [{"decode": False}]
+    assert LLM.from_checkpoint(tmp_path / "out" / "pretrain_32.pth").config.dim == 32

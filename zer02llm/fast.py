@@ -27,10 +27,10 @@ def _in_out(*linears: nn.Linear) -> torch.Tensor:
 
 
 class DecodeWeights:
-    """An `LLM`'s weights laid out for `decode_step`: q|k|v and gate|up fused and stored (in, out), the LM head (in, out).
+    """An `LLM`'s weights laid out for `decode_step`: q|k|v and gate|up fused, and every matrix stored (in, out).
 
     The RMSNorm gains are premultiplied by √d (float32), and the rotary sine table carries the sign of `rotate_half`
-    (rotate_half(x) * sin == x.roll(d/2) * sin_signed); everything else refers to the model's own tensors."""
+    (rotate_half(x) * sin == x.roll(d/2) * sin_signed); the embedding and the tables are the model's own tensors."""
 
     def __init__(self, model: LLM):
         c = model.config
@@ -45,13 +45,13 @@ class DecodeWeights:
         for block in model.layers:
             a, f = block.self_attn, block.mlp
             layer = {"norm1": gain(block.input_layernorm), "norm2": gain(block.post_attention_layernorm),
-                     "qkv": _in_out(a.q_proj, a.k_proj, a.v_proj), "o": a.o_proj.weight}
+                     "qkv": _in_out(a.q_proj, a.k_proj, a.v_proj), "o": _in_out(a.o_proj)}
             if block.is_moe:
                 layer["router"] = f.gate
-                layer["experts"] = [(_in_out(e.gate_proj, e.up_proj), e.down_proj.weight) for e in f.experts]
-                layer["shared"] = [(_in_out(e.gate_proj, e.up_proj), e.down_proj.weight) for e in f.shared_experts]
+                layer["experts"] = [(_in_out(e.gate_proj, e.up_proj), _in_out(e.down_proj)) for e in f.experts]
+                layer["shared"] = [(_in_out(e.gate_proj, e.up_proj), _in_out(e.down_proj)) for e in f.shared_experts]
             else:
-                layer["ffn"] = (_in_out(f.gate_proj, f.up_proj), f.down_proj.weight)
+                layer["ffn"] = (_in_out(f.gate_proj, f.up_proj), _in_out(f.down_proj))
             self.layers.append(layer)
 
     @staticmethod
@@ -81,7 +81,7 @@ def _rms(x: torch.Tensor, gain: torch.Tensor, eps: torch.Tensor) -> torch.Tensor
 
 def _swiglu(h: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     g, u = (h @ gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(g) * u, down)
+    return (F.silu(g) * u) @ down
 
 
 def _moe(layer: dict, h: torch.Tensor) -> torch.Tensor:
@@ -120,14 +120,14 @@ def decode_step(w: DecodeWeights, token: torch.Tensor, pos: int, caches: Sequenc
         qk = qk * cos + qk.roll(D // 2, dims=-1) * sin  # RoPE on the H query and K key heads at once
         k, v = cache.update(pos, qk[:, H:, None], qkv[:, (H + K) * D:].view(B, K, 1, D))
         y = F.scaled_dot_product_attention(qk[:, :H, None], k, v, attn_mask=mask, enable_gqa=H != K)  # (B, H, 1, D)
-        x = torch.addmm(x, y.view(B, H * D), layer["o"].t())  # x + o_proj(y)
+        x = torch.addmm(x, y.view(B, H * D), layer["o"])  # x + o_proj(y)
         h = _rms(x, layer["norm2"], w.eps)
         if "router" in layer:
             x = x + _moe(layer, h)
         else:
             gate_up, down = layer["ffn"]
             g, u = (h @ gate_up).chunk(2, dim=-1)
-            x = torch.addmm(x, F.silu(g) * u, down.t())  # x + down_proj(silu(gate) * up)
+            x = torch.addmm(x, F.silu(g) * u, down)  # x + down_proj(silu(gate) * up)
     return _rms(x, w.norm, w.eps) @ w.head
 
 
