@@ -40,7 +40,8 @@ def table(rows: list[dict], header: str) -> str:
             if i != HF:
                 a = r["x_hf"].get(i)
                 t = r["target"].get(i)
-                cells += [f"{a:.2f}×" if a else "-", (f"≥{t:.2f}×" + (" ok" if a and a >= t else " MISSED")) if t else ""]
+                shown = t and r["median"].get(i) is not None  # a target only where this implementation ran
+                cells += [f"{a:.2f}×" if a else "-", (f"≥{t:.2f}×" + (" ok" if a and a >= t else " MISSED")) if shown else ""]
         lines.append(cells)
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *lines)]
     fmt = lambda cells: "  ".join(str(c).ljust(w) if j < 2 else str(c).rjust(w) for j, (c, w) in enumerate(zip(cells, widths)))

@@ -56,7 +56,9 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ):
-        for name, value in (("batch_size", batch_size), ("n_kv_heads", n_kv_heads), ("max_seq_len", max_seq_len), ("head_dim", head_dim)):
+        for name, value in (
+            ("batch_size", batch_size), ("n_kv_heads", n_kv_heads), ("max_seq_len", max_seq_len), ("head_dim", head_dim)
+        ):
             if value <= 0:
                 raise ValueError(f"KVCache {name} must be positive, got {value}")
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
@@ -75,12 +77,15 @@ class KVCache:
         end = start_pos + k.shape[2]
         if start_pos < 0 or end > self.max_seq_len:
             raise ValueError(
-                f"KV cache overflow: positions {start_pos}..{end - 1} do not fit a cache of max_seq_len={self.max_seq_len}; "
-                "allocate a longer cache or stop generating at max_seq_len tokens"
+                f"KV cache overflow: positions {start_pos}..{end - 1} do not fit a cache of "
+                f"max_seq_len={self.max_seq_len}; allocate a longer cache or stop generating at max_seq_len tokens"
             )
         B, H, _, D = self.k.shape
         if k.shape != v.shape or k.shape[:2] != (B, H) or k.shape[3] != D:
-            raise ValueError(f"k and v must be (batch={B}, n_kv_heads={H}, T, head_dim={D}); got {tuple(k.shape)} and {tuple(v.shape)}")
+            raise ValueError(
+                f"k and v must be (batch={B}, n_kv_heads={H}, T, head_dim={D}); "
+                f"got {tuple(k.shape)} and {tuple(v.shape)}"
+            )
         self.k[:, :, start_pos:end] = k
         self.v[:, :, start_pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
@@ -95,21 +100,28 @@ class Attention(nn.Module):
     `scaled_dot_product_attention` (fast) or the explicit softmax (readable); both compute the same function.
     """
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, dropout: float = 0.0, flash_attn: bool = True):
+    def __init__(
+        self, dim: int, n_heads: int, n_kv_heads: int | None = None, dropout: float = 0.0, flash_attn: bool = True
+    ):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if n_heads <= 0 or n_kv_heads <= 0:
             raise ValueError(f"n_heads and n_kv_heads must be positive, got {n_heads} and {n_kv_heads}")
         if dim % n_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by n_heads ({n_heads}): each head gets dim // n_heads features; change dim or n_heads")
+            raise ValueError(
+                f"dim ({dim}) must be divisible by n_heads ({n_heads}): each head gets dim // n_heads features; "
+                "change dim or n_heads"
+            )
         if n_heads % n_kv_heads:
             divisors = [d for d in range(1, n_heads + 1) if n_heads % d == 0]
             raise ValueError(
-                f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads}) so every key/value head serves the same "
-                f"number of query heads; choose n_kv_heads from {divisors}"
+                f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads}) so every key/value head serves "
+                f"the same number of query heads; choose n_kv_heads from {divisors}"
             )
         if (dim // n_heads) % 2:
-            raise ValueError(f"head_dim = dim // n_heads = {dim // n_heads} must be even (RoPE rotates pairs); change dim or n_heads")
+            raise ValueError(
+                f"head_dim = dim // n_heads = {dim // n_heads} must be even (RoPE rotates pairs); change dim or n_heads"
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
@@ -147,8 +159,14 @@ class Attention(nn.Module):
             k, v = kv_cache.update(start_pos, k, v)
         S = k.shape[2]
         if attn_mask is not None:
-            if attn_mask.dtype != torch.bool or attn_mask.dim() != 4 or attn_mask.shape[1] != 1 or attn_mask.shape[2:] != (T, S):
-                raise ValueError(f"attn_mask must be bool of shape (B, 1, {T}, {S}) (True = may attend); got {attn_mask.dtype} {tuple(attn_mask.shape)}")
+            if (
+                attn_mask.dtype != torch.bool or attn_mask.dim() != 4
+                or attn_mask.shape[1] != 1 or attn_mask.shape[2:] != (T, S)
+            ):
+                raise ValueError(
+                    f"attn_mask must be bool of shape (B, 1, {T}, {S}) (True = may attend); "
+                    f"got {attn_mask.dtype} {tuple(attn_mask.shape)}"
+                )
         elif 1 < T < S:  # new tokens after cached ones: causal, aligned bottom-right (is_causal aligns top-left)
             attn_mask = causal_mask(T, S, device=x.device)
         if self.flash_attn:
@@ -160,7 +178,9 @@ class Attention(nn.Module):
             y = self._attend_manual(q, k, v, attn_mask)
         return self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(B, T, -1)))
 
-    def _attend_manual(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _attend_manual(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """softmax(q kᵀ/√d + mask) v with the n_rep query heads of a group stacked as rows: no copy of k or v."""
         B, _, T, D = q.shape
         S = k.shape[2]
@@ -175,4 +195,7 @@ class Attention(nn.Module):
         return (weights @ v).view(B, self.n_heads, T, D)
 
     def extra_repr(self) -> str:
-        return f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, dropout={self.dropout}, flash_attn={self.flash_attn}"
+        return (
+            f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, "
+            f"dropout={self.dropout}, flash_attn={self.flash_attn}"
+        )

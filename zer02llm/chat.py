@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None, stdin=None, stdout=None) -> int:
         model = LLM.from_checkpoint(args.checkpoint, map_location=device).eval()
         tokenizer = load_tokenizer()
         if model.config.vocab_size != tokenizer.vocab_size:
-            raise ValueError(f"{args.checkpoint} has a vocabulary of {model.config.vocab_size} tokens but the tokenizer "
-                             f"has {tokenizer.vocab_size}: it was trained with another tokenizer")
+            raise ValueError(f"{args.checkpoint} has a vocabulary of {model.config.vocab_size} tokens but the "
+                             f"tokenizer has {tokenizer.vocab_size}: it was trained with another tokenizer")
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

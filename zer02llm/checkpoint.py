@@ -1,4 +1,4 @@
-"""Checkpoint files: `{"config": config.to_dict(), "model": state_dict}`, written atomically, read with `weights_only=True`.
+"""Checkpoints: `{"config": config.to_dict(), "model": state_dict}`, written atomically, read with `weights_only=True`.
 `save_checkpoint(model, path)`, `from_checkpoint(cls, path, map_location="cpu")`, `load_checkpoint(model, path)`,
 `read_checkpoint(path)`; `LLM.save_checkpoint` / `LLM.from_checkpoint` / `LLM.load_checkpoint` forward to them."""
 

@@ -116,7 +116,8 @@ def _type_problems(c: LLMconfig) -> list[str]:
 
 def _value_problems(c: LLMconfig) -> list[str]:
     problems = []
-    positive = [n for n in _INT_FIELDS if n != "n_shared_experts"] + (["hidden_dim"] if c.hidden_dim is not None else [])
+    positive = ([n for n in _INT_FIELDS if n != "n_shared_experts"]
+                + (["hidden_dim"] if c.hidden_dim is not None else []))
     problems += [f"{n} must be positive, got {getattr(c, n)}" for n in positive if getattr(c, n) <= 0]
     if c.n_shared_experts < 0:
         problems.append(f"n_shared_experts must be >= 0, got {c.n_shared_experts}")

@@ -77,9 +77,12 @@ def make_world(seed: int = 0) -> World:
 
 # %% ../notebooks/07a_corpus.ipynb #templates
 STATEMENTS = {
-    "river": ["The town of {s} lies on the river {a}.", "{s} is built beside the river {a}.", "The river {a} flows through {s}."],
-    "land": ["{s} is a town in the land of {a}.", "The town of {s} is in the land of {a}.", "{s} belongs to the land of {a}."],
-    "food": ["{s} is famous for its {a}.", "Travellers visit {s} to taste its {a}.", "The market of {s} sells the best {a}."],
+    "river": ["The town of {s} lies on the river {a}.", "{s} is built beside the river {a}.",
+              "The river {a} flows through {s}."],
+    "land": ["{s} is a town in the land of {a}.", "The town of {s} is in the land of {a}.",
+             "{s} belongs to the land of {a}."],
+    "food": ["{s} is famous for its {a}.", "Travellers visit {s} to taste its {a}.",
+             "The market of {s} sells the best {a}."],
     "job": ["{s} is a {a}.", "{s} works as a {a}.", "By trade, {s} is a {a}."],
     "home": ["{s} lives in {a}.", "{s} has a house in {a}.", "The home of {s} is in {a}."],
 }
@@ -150,15 +153,18 @@ PLACES = ["the park", "the beach", "the forest", "the hill", "the garden", "the 
 
 STORY_PLOTS = [
     [  # lost and found
-        ["{name} had a {color} {thing}.", "Once upon a time, there was a {kid} named {name}. {name} had a {color} {thing}."],
+        ["{name} had a {color} {thing}.",
+         "Once upon a time, there was a {kid} named {name}. {name} had a {color} {thing}."],
         ["{He} loved the {color} {thing} very much.", "It was {his} favourite thing in the world."],
-        ["One day, {name} and {his} friend {friend} went to {place}.", "One sunny morning, {name} took the {color} {thing} to {place} with {friend}."],
+        ["One day, {name} and {his} friend {friend} went to {place}.",
+         "One sunny morning, {name} took the {color} {thing} to {place} with {friend}."],
         ["They played with the {color} {thing} all morning."],
         ["Then the {thing} was gone!", "But when {name} looked again, the {color} {thing} was lost."],
         ["{name} felt sad.", "{name} began to cry."],
         ['{friend} said, "Do not worry. We will find it."'],
         ["They looked behind a tree and under a bench.", "They looked everywhere at {place}."],
-        ["At last, {friend} found the {color} {thing} in the grass.", "At last, {friend} saw the {color} {thing} near a big rock."],
+        ["At last, {friend} found the {color} {thing} in the grass.",
+         "At last, {friend} saw the {color} {thing} near a big rock."],
         ['{name} smiled and said, "Thank you, {friend}!"'],
     ],
     [  # sharing
@@ -176,7 +182,8 @@ STORY_PLOTS = [
         ["{name} wanted to go to {place} with {his} {color} {thing}."],
         ["{name} asked {friend} to come too, and {friend} said yes."],
         ["When they got to {place}, it began to rain.", "Soon big drops of rain fell on {place}."],
-        ["{name} held the {color} {thing} close so it would not get wet.", "{friend} helped {name} cover the {color} {thing}."],
+        ["{name} held the {color} {thing} close so it would not get wet.",
+         "{friend} helped {name} cover the {color} {thing}."],
         ["They ran home as fast as they could."],
         ["At home, {name} dried the {color} {thing} with a towel.", "At home, the {color} {thing} was safe and dry."],
         ['{name} laughed and said, "We can go to {place} again tomorrow."'],
@@ -225,7 +232,8 @@ def math_page(rng: random.Random) -> str:
 # %% ../notebooks/07a_corpus.ipynb #sft
 IDENTITY_QUESTIONS = ["Who are you?", "What is your name?", "Tell me about yourself.", "What are you?"]
 IDENTITY_REPLIES = [
-    "I am Zer02LLM, a small language model. I can answer questions about towns and people, do simple sums and tell short stories.",
+    ("I am Zer02LLM, a small language model. I can answer questions about towns and people, do simple sums "
+     "and tell short stories."),
     "My name is Zer02LLM. I am a small language model trained from scratch.",
 ]
 SYSTEM_PROMPTS = ["You are Zer02LLM, a helpful assistant.", "You are a helpful assistant.", "Answer briefly."]
@@ -243,7 +251,8 @@ def _math_turn(rng: random.Random) -> list[dict]:
 
 def _story_turns(rng: random.Random) -> list[dict]:
     story, c = make_story(rng)
-    request = rng.choice([f"Tell me a story about {c['name']}.", f"Write a short story about a {c['color']} {c['thing']}.",
+    request = rng.choice([f"Tell me a story about {c['name']}.",
+                          f"Write a short story about a {c['color']} {c['thing']}.",
                           f"Tell me a story about {c['name']} and {c['friend']}.", "Tell me a short story."])
     turns = [{"role": "user", "content": request}, {"role": "assistant", "content": story}]
     follow_ups = [(f"What color was the {c['thing']}?", f"The {c['thing']} was {c['color']}."),
@@ -536,13 +545,15 @@ def download_dataset(source: str, out_dir: str | os.PathLike = "dataset", size_m
 
 # %% ../notebooks/07a_corpus.ipynb #cli
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m zer02llm.corpus",
-                                 description="Write the built-in tiny-world dataset, or download and convert real data.")
+    ap = argparse.ArgumentParser(
+        prog="python -m zer02llm.corpus",
+        description="Write the built-in tiny-world dataset, or download and convert real data.")
     ap.add_argument("command", nargs="?", choices=["build", "download"], default="build")
     ap.add_argument("--out", default="dataset", help="output folder (default: dataset)")
     ap.add_argument("--seed", type=int, default=0, help="build: the world's seed (default 0)")
     ap.add_argument("--size_mb", type=float, default=None,
-                    help=f"build: pretraining file size in MB (default {DEFAULT_SIZE_MB}); download: cap (default: all)")
+                    help=f"build: pretraining file size in MB (default {DEFAULT_SIZE_MB}); "
+                         "download: cap (default: all)")
     ap.add_argument("--source", choices=sorted(HUB_SOURCES), help="download: which data set")
     ap.add_argument("--pretrain_file", help="download: file name in the Hub repository, to override the default")
     ap.add_argument("--sft_file", help="download: file name in the Hub repository, to override the default")

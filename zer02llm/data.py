@@ -58,7 +58,8 @@ def _batches(items, size: int):
 
 def prepare_pretrain(path: str | os.PathLike, tokenizer, cache_dir: str | os.PathLike | None = None,
                      skip_bad_lines: bool = False) -> dict:
-    """Tokenize a `{"text"}` JSONL file once into `bos text eos bos text eos ...` (a flat binary file); return its metadata."""
+    """Tokenize a `{"text"}` JSONL file once into `bos text eos bos text eos ...` (a flat binary file);
+    return its metadata."""
     path = Path(path)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     stem = _cache_stem(path, "tokens", [tokenizer.fingerprint, dtype.name, skip_bad_lines], cache_dir)
@@ -165,7 +166,8 @@ class SFTDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return encode_sft(self.tokenizer, self.conversation(i), self.max_seq_len)
 
-    def collate(self, batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def collate(self,
+                batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Pad a batch on the right to its longest example: `(input_ids, labels, attention_mask)`, each (B, L_max).
 
         Padding is `pad_id` in the inputs, -100 in the labels (no loss) and 0 in the mask (the MoE balance loss and
@@ -194,7 +196,8 @@ def make_loader(dataset: Dataset, batch_size: int, epoch: int = 0, seed: int = 0
     index (how a resumed run continues mid-epoch). Batches are the dataset's `collate` if it has one."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                                 drop_last=True)
     if len(sampler) < batch_size:
         raise ValueError(f"only {len(sampler)} examples per process, fewer than batch_size={batch_size}: "
                          "every batch would be dropped; use a smaller batch_size or more data")

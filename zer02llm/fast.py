@@ -22,7 +22,8 @@ from .model import LLM
 
 
 def _in_out(*linears: nn.Linear) -> torch.Tensor:
-    """Weights (out_i, in) of some nn.Linear -> one contiguous (in, Σ out_i) matrix M: x @ M = the outputs side by side."""
+    """Weights (out_i, in) of some nn.Linear -> one contiguous (in, Σ out_i) matrix M:
+    x @ M = their outputs side by side."""
     return torch.cat([lin.weight.t() for lin in linears], dim=1).contiguous()
 
 
@@ -72,7 +73,8 @@ class DecodeWeights:
 
 
 def _rms(x: torch.Tensor, gain: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """RMSNorm in three kernels: g ⊙ x / √(mean(x²) + ε) = x ⊙ (g√d) / hypot(‖x‖, √(dε)); `gain` = g√d, `eps` = √(dε).
+    """RMSNorm in three kernels: g ⊙ x / √(mean(x²) + ε) = x ⊙ (g√d) / hypot(‖x‖, √(dε));
+    `gain` = g√d, `eps` = √(dε).
 
     The statistics are computed in float32, as `RMSnorm` does."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)

@@ -10,7 +10,8 @@ from torch import nn
 
 
 def swiglu_hidden_dim(dim: int, multiple_of: int = 64) -> int:
-    """Hidden width of a SwiGLU FFN with the parameter budget of a 4·dim MLP: ⌊8·dim/3⌋ rounded up to `multiple_of`.
+    """Hidden width of a SwiGLU FFN with the parameter budget of a 4·dim MLP:
+    ⌊8·dim/3⌋ rounded up to `multiple_of`.
 
     Three matrices instead of two, so 2/3 of 4·dim; the rounding keeps matmul sizes hardware-friendly."""
     if dim <= 0:

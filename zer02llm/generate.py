@@ -57,7 +57,8 @@ def check_sampling_args(temperature: float = 1.0, top_k: int | None = None, top_
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                       top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token id per row of logits (B, V): argmax when temperature == 0, else a draw after temperature/top-k/top-p."""
+    """One token id per row of logits (B, V): argmax when temperature == 0, else a draw after
+    temperature/top-k/top-p."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -85,7 +86,8 @@ def forward_step(model: "LLM") -> Step:
 
     `mask` (B, pos + 1) is the attention mask so far (None without padding). Returns the logits (B, V)."""
     def step(token: torch.Tensor, pos: int, caches: list, mask: torch.Tensor | None) -> torch.Tensor:
-        return model(token[:, None], attention_mask=mask, kv_caches=caches, start_pos=pos, logits_to_keep=1).logits[:, -1]
+        return model(token[:, None], attention_mask=mask, kv_caches=caches, start_pos=pos,
+                     logits_to_keep=1).logits[:, -1]
 
     return step
 
@@ -152,8 +154,8 @@ def _check_generate_args(c: LLMconfig, input_ids: torch.Tensor, max_new_tokens: 
                              f"got {tuple(attention_mask.shape)}")
         m = attention_mask.bool()
         if not bool(m[:, -1].all()) or bool((m[:, 1:] < m[:, :-1]).any()):
-            raise ValueError("generation needs LEFT padding: each attention_mask row must be 0...0 1...1 and end with a "
-                             "real token (tokenizer.padding_side = 'left')")
+            raise ValueError("generation needs LEFT padding: each attention_mask row must be 0...0 1...1 and end "
+                             "with a real token (tokenizer.padding_side = 'left')")
         attention_mask = None if bool(m.all()) else m.long()
     if eos_token_id is not None:
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
@@ -181,7 +183,8 @@ def _decode_steps(model: "LLM", ids: torch.Tensor, max_new_tokens: int, temperat
     seen = None
     if repetition_penalty != 1.0:  # (B, V) "already seen"; padding goes to a spare column V that is dropped
         prompt = ids if mask is None else ids.masked_fill(mask == 0, c.vocab_size)
-        seen = torch.zeros(B, c.vocab_size + 1, dtype=torch.bool, device=weight.device).scatter_(1, prompt, True)[:, :-1]
+        seen = torch.zeros(B, c.vocab_size + 1, dtype=torch.bool, device=weight.device)
+        seen = seen.scatter_(1, prompt, True)[:, :-1]
     if eos is not None:
         eos_ids = torch.tensor(eos, device=weight.device)
         finished = torch.zeros(B, dtype=torch.bool, device=weight.device)

@@ -36,8 +36,8 @@ def _hf_config(model: LLM, **overrides):
     c, H = model.config, _hidden_dim(model)
     kw = dict(vocab_size=c.vocab_size, hidden_size=c.dim, num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
               num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.max_seq_len, rope_theta=c.rope_theta,
-              rms_norm_eps=c.norm_eps, tie_word_embeddings=c.tie_word_embeddings, hidden_act="silu", attention_dropout=0.0,
-              intermediate_size=H)
+              rms_norm_eps=c.norm_eps, tie_word_embeddings=c.tie_word_embeddings, hidden_act="silu",
+              attention_dropout=0.0, intermediate_size=H)
     moe = dict(num_experts_per_tok=c.num_experts_per_tok, router_aux_loss_coef=c.aux_loss_alpha)
     if not c.use_moe:
         cls, kw = transformers.LlamaConfig, dict(kw, head_dim=c.head_dim, attention_bias=False, mlp_bias=False)
@@ -46,16 +46,18 @@ def _hf_config(model: LLM, **overrides):
                                                    router_jitter_noise=0.0)
     elif c.n_shared_experts == 0:
         cls, kw = transformers.Qwen2MoeConfig, dict(kw, **moe, num_experts=c.n_routed_experts, moe_intermediate_size=H,
-                                                    shared_expert_intermediate_size=1, norm_topk_prob=False, qkv_bias=False,
-                                                    decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False)
+                                                    shared_expert_intermediate_size=1, norm_topk_prob=False,
+                                                    qkv_bias=False, decoder_sparse_step=1, mlp_only_layers=[],
+                                                    use_sliding_window=False)
     elif c.norm_topk_prob:
         cls, kw = transformers.GraniteMoeSharedConfig, dict(kw, **moe, num_local_experts=c.n_routed_experts,
                                                             shared_intermediate_size=c.n_shared_experts * H,
-                                                            attention_multiplier=c.head_dim**-0.5, embedding_multiplier=1.0,
-                                                            residual_multiplier=1.0, logits_scaling=1.0, attention_bias=False)
+                                                            attention_multiplier=c.head_dim**-0.5,
+                                                            embedding_multiplier=1.0, residual_multiplier=1.0,
+                                                            logits_scaling=1.0, attention_bias=False)
     else:
-        raise ValueError("no stock transformers architecture adds ungated shared experts to un-normalised top-k weights: "
-                         "export needs norm_topk_prob=True or n_shared_experts=0")
+        raise ValueError("no stock transformers architecture adds ungated shared experts to un-normalised top-k "
+                         "weights: export needs norm_topk_prob=True or n_shared_experts=0")
     clash = sorted(set(overrides) & set(kw))
     if clash:
         raise ValueError(f"export_hf: {clash} follow from model.config and cannot be overridden")
@@ -78,21 +80,26 @@ def _to_hf(model: LLM, model_type: str) -> dict[str, torch.Tensor]:
                 out[q + f"mlp.{name}.weight"] = sd[p + f"mlp.{name}.weight"]
             continue
         E = range(c.n_routed_experts)
-        gate_up = torch.stack([torch.cat([sd[p + f"mlp.experts.{e}.gate_proj.weight"], sd[p + f"mlp.experts.{e}.up_proj.weight"]]) for e in E])
+        gate_up = torch.stack([torch.cat([sd[p + f"mlp.experts.{e}.gate_proj.weight"],
+                                          sd[p + f"mlp.experts.{e}.up_proj.weight"]]) for e in E])
         down = torch.stack([sd[p + f"mlp.experts.{e}.down_proj.weight"] for e in E])
         moe = q + ("block_sparse_moe." if model_type == "granitemoeshared" else "mlp.")
         router = "router.weight" if model_type == "granitemoeshared" else "gate.weight"
-        out.update({moe + router: sd[p + "mlp.gate.weight"], moe + "experts.gate_up_proj": gate_up, moe + "experts.down_proj": down})
+        out.update({moe + router: sd[p + "mlp.gate.weight"], moe + "experts.gate_up_proj": gate_up,
+                    moe + "experts.down_proj": down})
         if model_type == "qwen2_moe":  # its sigmoid-gated shared expert, width 1 and all zeros: adds exactly 0
             w = sd[p + "mlp.gate.weight"]
-            out.update({q + "mlp.shared_expert.gate_proj.weight": w.new_zeros(1, c.dim), q + "mlp.shared_expert.up_proj.weight": w.new_zeros(1, c.dim),
-                        q + "mlp.shared_expert.down_proj.weight": w.new_zeros(c.dim, 1), q + "mlp.shared_expert_gate.weight": w.new_zeros(1, c.dim)})
+            out.update({q + "mlp.shared_expert.gate_proj.weight": w.new_zeros(1, c.dim),
+                        q + "mlp.shared_expert.up_proj.weight": w.new_zeros(1, c.dim),
+                        q + "mlp.shared_expert.down_proj.weight": w.new_zeros(c.dim, 1),
+                        q + "mlp.shared_expert_gate.weight": w.new_zeros(1, c.dim)})
         if model_type == "granitemoeshared":
             S = range(c.n_shared_experts)
             gates = [sd[p + f"mlp.shared_experts.{j}.gate_proj.weight"] for j in S]
             ups = [sd[p + f"mlp.shared_experts.{j}.up_proj.weight"] for j in S]
             out[q + "shared_mlp.input_linear.weight"] = torch.cat(gates + ups)
-            out[q + "shared_mlp.output_linear.weight"] = torch.cat([sd[p + f"mlp.shared_experts.{j}.down_proj.weight"] for j in S], dim=1)
+            out[q + "shared_mlp.output_linear.weight"] = torch.cat(
+                [sd[p + f"mlp.shared_experts.{j}.down_proj.weight"] for j in S], dim=1)
     return out
 
 
@@ -140,7 +147,8 @@ def _rope_theta(cfg) -> float:
     if params is None:
         _require(getattr(cfg, "rope_scaling", None) is None, f"RoPE scaling {cfg.rope_scaling} (plain RoPE only)")
         return float(cfg.rope_theta)
-    _require(params.get("rope_type", "default") == "default", f"RoPE type {params.get('rope_type')!r} (plain RoPE only)")
+    _require(params.get("rope_type", "default") == "default",
+             f"RoPE type {params.get('rope_type')!r} (plain RoPE only)")
     return float(params["rope_theta"])
 
 
@@ -150,10 +158,11 @@ def _llm_config(cfg, sd: dict, max_seq_len: int | None) -> LLMconfig:
     _require(mt in SUPPORTED, f"model_type {mt!r}; supported: {', '.join(SUPPORTED)}")
     n_heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None)
-    _require(head_dim in (None, cfg.hidden_size // n_heads), f"head_dim {head_dim} != hidden_size / num_attention_heads")
+    _require(head_dim in (None, cfg.hidden_size // n_heads),
+             f"head_dim {head_dim} != hidden_size / num_attention_heads")
     _require(cfg.hidden_act == "silu", f"hidden_act {cfg.hidden_act!r} (SwiGLU needs 'silu')")
-    _require(not getattr(cfg, "attention_bias", False) and not getattr(cfg, "mlp_bias", False) and not getattr(cfg, "qkv_bias", False),
-             "linear layers with biases")
+    _require(not getattr(cfg, "attention_bias", False) and not getattr(cfg, "mlp_bias", False)
+             and not getattr(cfg, "qkv_bias", False), "linear layers with biases")
     _require(getattr(cfg, "pretraining_tp", 1) == 1, "pretraining_tp != 1")
     kw = dict(vocab_size=cfg.vocab_size, dim=cfg.hidden_size, n_layers=cfg.num_hidden_layers, n_heads=n_heads,
               n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
@@ -162,24 +171,29 @@ def _llm_config(cfg, sd: dict, max_seq_len: int | None) -> LLMconfig:
     if mt == "llama":
         return LLMconfig(**kw, hidden_dim=cfg.intermediate_size)
     if mt == "mixtral":
-        _require(cfg.sliding_window is None or cfg.sliding_window >= kw["max_seq_len"], f"sliding_window={cfg.sliding_window}")
+        _require(cfg.sliding_window is None or cfg.sliding_window >= kw["max_seq_len"],
+                 f"sliding_window={cfg.sliding_window}")
         return LLMconfig(**kw, hidden_dim=cfg.intermediate_size, use_moe=True, n_routed_experts=cfg.num_local_experts,
                          num_experts_per_tok=cfg.num_experts_per_tok, n_shared_experts=0, norm_topk_prob=True)
     if mt == "qwen2_moe":
         _require(cfg.decoder_sparse_step == 1 and not cfg.mlp_only_layers, "dense layers mixed with MoE layers")
         _require(not cfg.use_sliding_window, "sliding-window attention")
         shared = [v for k, v in sd.items() if ".shared_expert." in k]
-        _require(all(not v.any() for v in shared), "a non-zero shared expert (Qwen2-MoE gates it with a sigmoid; ours is ungated)")
+        _require(all(not v.any() for v in shared),
+                 "a non-zero shared expert (Qwen2-MoE gates it with a sigmoid; ours is ungated)")
         return LLMconfig(**kw, hidden_dim=cfg.moe_intermediate_size, use_moe=True, n_routed_experts=cfg.num_experts,
-                         num_experts_per_tok=cfg.num_experts_per_tok, n_shared_experts=0, norm_topk_prob=bool(cfg.norm_topk_prob))
+                         num_experts_per_tok=cfg.num_experts_per_tok, n_shared_experts=0,
+                         norm_topk_prob=bool(cfg.norm_topk_prob))
     H = cfg.intermediate_size  # granitemoeshared
     _require(cfg.embedding_multiplier == 1 and cfg.residual_multiplier == 1 and cfg.logits_scaling == 1,
              "Granite's embedding/residual/logits multipliers must be 1")
     _require(math.isclose(cfg.attention_multiplier, (cfg.hidden_size // n_heads) ** -0.5, rel_tol=1e-6),
              f"attention_multiplier {cfg.attention_multiplier} != 1/sqrt(head_dim)")
-    _require(cfg.shared_intermediate_size % H == 0, f"shared_intermediate_size {cfg.shared_intermediate_size} is not a multiple of {H}")
-    return LLMconfig(**kw, hidden_dim=H, use_moe=True, n_routed_experts=cfg.num_local_experts, num_experts_per_tok=cfg.num_experts_per_tok,
-                     n_shared_experts=cfg.shared_intermediate_size // H, norm_topk_prob=True)
+    _require(cfg.shared_intermediate_size % H == 0,
+             f"shared_intermediate_size {cfg.shared_intermediate_size} is not a multiple of {H}")
+    return LLMconfig(**kw, hidden_dim=H, use_moe=True, n_routed_experts=cfg.num_local_experts,
+                     num_experts_per_tok=cfg.num_experts_per_tok, n_shared_experts=cfg.shared_intermediate_size // H,
+                     norm_topk_prob=True)
 
 
 def _from_hf(sd: dict[str, torch.Tensor], c: LLMconfig, model_type: str) -> dict[str, torch.Tensor]:
@@ -207,13 +221,15 @@ def _from_hf(sd: dict[str, torch.Tensor], c: LLMconfig, model_type: str) -> dict
             downs = sd[q + "shared_mlp.output_linear.weight"]
             for j, (g, u, d) in enumerate(zip(gates.chunk(c.n_shared_experts), ups.chunk(c.n_shared_experts),
                                               downs.chunk(c.n_shared_experts, dim=1))):
-                out.update({p + f"mlp.shared_experts.{j}.gate_proj.weight": g, p + f"mlp.shared_experts.{j}.up_proj.weight": u,
+                out.update({p + f"mlp.shared_experts.{j}.gate_proj.weight": g,
+                            p + f"mlp.shared_experts.{j}.up_proj.weight": u,
                             p + f"mlp.shared_experts.{j}.down_proj.weight": d})
     return out
 
 
 def import_hf(path_or_model, max_seq_len: int | None = None) -> LLM:
-    """Build an `LLM` from a transformers causal LM (a folder/hub-style path, or a model in memory) with the same logits."""
+    """Build an `LLM` from a transformers causal LM (a folder/hub-style path, or a model in memory)
+    with the same logits."""
     import transformers
 
     if isinstance(path_or_model, (str, os.PathLike)):
@@ -221,7 +237,8 @@ def import_hf(path_or_model, max_seq_len: int | None = None) -> LLM:
     elif isinstance(path_or_model, transformers.PreTrainedModel):
         hf_model = path_or_model
     else:
-        raise TypeError(f"import_hf expects a folder path or a transformers PreTrainedModel, got {type(path_or_model).__name__}")
+        raise TypeError("import_hf expects a folder path or a transformers PreTrainedModel, "
+                        f"got {type(path_or_model).__name__}")
     sd = hf_model.state_dict()
     config = _llm_config(hf_model.config, sd, max_seq_len)
     model = LLM(config)

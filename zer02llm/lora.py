@@ -76,8 +76,8 @@ def _refuse_shared_weights(model: nn.Module, names: list[str]) -> None:
         shared = [o for o in owners[id(model.get_submodule(n).weight)] if o != f"{n}.weight"]
         if shared:
             raise ValueError(f"LoRA cannot adapt {n}: its weight is also {shared[0]} (tied embeddings), and merging "
-                             f"would untie them; leave {n.rsplit('.', 1)[-1]} out of the targets, or train a model with "
-                             "tie_word_embeddings=False")
+                             f"would untie them; leave {n.rsplit('.', 1)[-1]} out of the targets, or train a model "
+                             "with tie_word_embeddings=False")
 
 
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0,
@@ -90,7 +90,8 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0,
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
     if not names:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"LoRA targets {list(targets)} match no nn.Linear of the model; its linear layers are {linear}")
+        raise ValueError(f"LoRA targets {list(targets)} match no nn.Linear of the model; "
+                         f"its linear layers are {linear}")
     _refuse_shared_weights(model, names)
     for p in model.parameters():
         p.requires_grad_(False)

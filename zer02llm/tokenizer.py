@@ -141,7 +141,8 @@ class ChatTokenizer:
                  bos_token: str = BOS_TOKEN, eos_token: str = EOS_TOKEN, pad_token: str = PAD_TOKEN):
         decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
         if decoder.get("type") != "ByteLevel":
-            raise ValueError(f"expected a byte-level BPE tokenizer (decoder ByteLevel), got decoder {decoder.get('type')}")
+            raise ValueError("expected a byte-level BPE tokenizer (decoder ByteLevel), "
+                             f"got decoder {decoder.get('type')}")
         self.tokenizer, self.chat_template = tokenizer, chat_template
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         ids = {t: tokenizer.token_to_id(t) for t in (bos_token, eos_token, pad_token)}
@@ -172,7 +173,8 @@ class ChatTokenizer:
         problem = check_messages(messages) if messages else None
         if problem:
             raise ValueError(f"bad messages: {problem}")
-        return compile_chat_template(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+        return compile_chat_template(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt)
 
     def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[bool]]:
         """Token ids of the rendered conversation and, per token, whether it is assistant output to learn."""
@@ -236,7 +238,8 @@ class ChatTokenizer:
                    token("bos_token", BOS_TOKEN), token("eos_token", EOS_TOKEN), token("pad_token", PAD_TOKEN))
 
     def __repr__(self) -> str:
-        return f"ChatTokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, pad_id={self.pad_id})"
+        return (f"ChatTokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
+                f"pad_id={self.pad_id})")
 
 # %% ../notebooks/07b_tokenizer.ipynb #train
 _SPECIALS = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
@@ -270,7 +273,8 @@ def builtin_texts(seed: int = 0, size_mb: float = DEFAULT_SIZE_MB) -> Iterator[s
 
 # %% ../notebooks/07b_tokenizer.ipynb #load-tokenizer
 def load_tokenizer(path: str | os.PathLike | None = None) -> ChatTokenizer:
-    """The shipped default (`None`), or the tokenizer folder at `path` (see the module docstring for the seed's path)."""
+    """The shipped default (`None`), or the tokenizer folder at `path`
+    (see the module docstring for the seed's path)."""
     if path is None:
         return ChatTokenizer.from_dir(default_tokenizer_dir())
     path = Path(path)

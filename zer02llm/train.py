@@ -56,21 +56,27 @@ RUNTIME_FLAGS = ("max_seq_len", "dropout", "flash_attn")  # may differ between p
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python zer02llm/train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Pretrain or fine-tune (full SFT or LoRA) a Zer02LLM model on one process or many (torchrun ... --ddp).",
+        description="Pretrain or fine-tune (full SFT or LoRA) a Zer02LLM model on one process or many "
+                    "(torchrun ... --ddp).",
         epilog="Multi-node: torchrun --nnodes=2 --node_rank=0|1 --nproc_per_node=8 --master_addr=HOST0 "
                "--master_port=29500 zer02llm/train.py --ddp ...")
     switch = {"type": str2bool, "nargs": "?", "const": True, "metavar": "BOOL"}
     g = p.add_argument_group("run")
     g.add_argument("--mode", choices=["pretrain", "sft"], default="pretrain")
     g.add_argument("--data_path", default=None,
-                   help="JSONL file (default: dataset/pretrain_hq.jsonl or dataset/sft_data.jsonl; the built-in corpus is generated there if missing)")
+                   help="JSONL file (default: dataset/pretrain_hq.jsonl or dataset/sft_data.jsonl; "
+                        "the built-in corpus is generated there if missing)")
     g.add_argument("--out_dir", default="out", help="checkpoints: OUT_DIR/<mode>_<dim>[_moe].pth and its _resume.pth")
-    g.add_argument("--init_from", default=None, help="sft: checkpoint to start from (default OUT_DIR/pretrain_<dim>[_moe].pth)")
-    g.add_argument("--resume", default=False, **switch, help="continue from the resume state in OUT_DIR if there is one")
+    g.add_argument("--init_from", default=None,
+                   help="sft: checkpoint to start from (default OUT_DIR/pretrain_<dim>[_moe].pth)")
+    g.add_argument("--resume", default=False, **switch,
+                   help="continue from the resume state in OUT_DIR if there is one")
     g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available; under --ddp cuda:LOCAL_RANK or cpu)")
+    g.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1, mps (default: best available; under --ddp cuda:LOCAL_RANK or cpu)")
     g.add_argument("--dtype", choices=list(DTYPES), default=None,
-                   help="autocast dtype (default: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU)")
+                   help="autocast dtype (default: bfloat16 on GPUs that support it, float16 on older GPUs, "
+                        "float32 on CPU)")
     g.add_argument("--compile", default=False, **switch,
                    help="torch.compile the model's blocks (zer02llm.fast.compile_model)")
     g.add_argument("--ddp", default=False, **switch, help="data parallel over the processes torchrun started")
@@ -80,11 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=1)
     g.add_argument("--batch_size", type=int, default=32, help="per process and micro-step")
     g.add_argument("--accumulation_steps", type=int, default=8)
-    g.add_argument("--learning_rate", type=float, default=None, help="peak learning rate (default 5e-4 pretrain, 5e-5 sft, 1e-3 LoRA)")
+    g.add_argument("--learning_rate", type=float, default=None,
+                   help="peak learning rate (default 5e-4 pretrain, 5e-5 sft, 1e-3 LoRA)")
     g.add_argument("--warmup_iters", type=int, default=0, help="optimizer steps of linear warmup")
     g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0 = no clipping)")
     g.add_argument("--weight_decay", type=float, default=0.1)
-    g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (the schedule ends there)")
+    g.add_argument("--max_steps", type=int, default=None,
+                   help="stop after this many optimizer steps (the schedule ends there)")
     g = p.add_argument_group("model (sft: from the checkpoint; flags given must agree with it)")
     g.add_argument("--dim", type=int, default=None, help="hidden size (default 512)")
     g.add_argument("--n_layers", type=int, default=None, help="(default 8)")
@@ -92,21 +100,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n_kv_heads", type=int, default=None, help="(default 2)")
     g.add_argument("--max_seq_len", type=int, default=None, help="training sequence length (default 512)")
     g.add_argument("--dropout", type=float, default=None, help="(default 0.0)")
-    g.add_argument("--flash_attn", default=None, **switch, help="fused attention kernel, F.scaled_dot_product_attention (default true)")
+    g.add_argument("--flash_attn", default=None, **switch,
+                   help="fused attention kernel, F.scaled_dot_product_attention (default true)")
     g.add_argument("--use_moe", default=None, **switch, help="mixture-of-experts feed-forward layers (default false)")
     g.add_argument("--n_routed_experts", type=int, default=None, help="(default 4)")
     g.add_argument("--num_experts_per_tok", type=int, default=None, help="(default 2)")
     g = p.add_argument_group("LoRA (sft only)")
-    g.add_argument("--lora_rank", type=int, default=0, help="> 0: train a LoRA adapter of this rank instead of every weight")
+    g.add_argument("--lora_rank", type=int, default=0,
+                   help="> 0: train a LoRA adapter of this rank instead of every weight")
     g.add_argument("--lora_alpha", type=float, default=16.0)
     g.add_argument("--lora_targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                    help="comma-separated names of the linear layers to adapt")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log_interval", type=int, default=100, help="optimizer steps between log lines")
-    g.add_argument("--eval_interval", type=int, default=500, help="optimizer steps between validation losses (0: first and last only)")
+    g.add_argument("--eval_interval", type=int, default=500,
+                   help="optimizer steps between validation losses (0: first and last only)")
     g.add_argument("--eval_batches", type=int, default=20)
-    g.add_argument("--save_interval", type=int, default=100, help="optimizer steps between checkpoints (0: at the end only)")
-    g.add_argument("--use_wandb", default=False, **switch, help="log to Weights & Biases (offline unless an API key is configured)")
+    g.add_argument("--save_interval", type=int, default=100,
+                   help="optimizer steps between checkpoints (0: at the end only)")
+    g.add_argument("--use_wandb", default=False, **switch,
+                   help="log to Weights & Biases (offline unless an API key is configured)")
     g.add_argument("--wandb_project", default="Zer02LLM")
     g.add_argument("--wandb_run_name", default=None)
     return p
@@ -195,7 +208,8 @@ def build_model(args, tokenizer) -> tuple[LLM, Path | None]:
     if wrong:
         raise ValueError(f"{init} is a different model than the flags ask for: "
                          + ", ".join(f"--{k} {v} but the checkpoint has {s}" for k, (v, s) in wrong.items())
-                         + "; drop those flags (SFT takes the architecture from the checkpoint) or pick another --init_from")
+                         + "; drop those flags (SFT takes the architecture from the checkpoint) "
+                           "or pick another --init_from")
     if base.config.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"{init} has a vocabulary of {base.config.vocab_size} tokens but the tokenizer has "
                          f"{tokenizer.vocab_size}: it was trained with another tokenizer")
@@ -224,7 +238,8 @@ def start_wandb(project: str, run_name: str | None, config: dict):
     try:
         import wandb
     except ImportError:
-        raise ImportError("--use_wandb needs the wandb package: pip install wandb  (or: pip install -e '.[wandb]')") from None
+        raise ImportError("--use_wandb needs the wandb package: pip install wandb  "
+                          "(or: pip install -e '.[wandb]')") from None
     if "WANDB_MODE" not in os.environ and not wandb_has_key():
         os.environ["WANDB_MODE"] = "offline"
         print("wandb: no API key configured, logging offline to ./wandb (upload later with `wandb sync`)", flush=True)
@@ -267,14 +282,16 @@ def run(args) -> dict:
     tokenizer = load_tokenizer()
     model, init = build_model(args, tokenizer)
     if args.lora_rank:
-        apply_lora(model, args.lora_rank, args.lora_alpha, [t.strip() for t in args.lora_targets.split(",") if t.strip()])
+        apply_lora(model, args.lora_rank, args.lora_alpha,
+                   [t.strip() for t in args.lora_targets.split(",") if t.strip()])
     seq_len = args.max_seq_len or model.config.max_seq_len
     data_path = resolve_data_path(args.mode, args.data_path)
     train_data, val_data = build_datasets(args.mode, data_path, tokenizer, seq_len, args.batch_size, world_size)
     cfg = TrainConfig(batch_size=args.batch_size, epochs=args.epochs, learning_rate=lr, warmup_iters=args.warmup_iters,
-                      accumulation_steps=args.accumulation_steps, grad_clip=args.grad_clip, weight_decay=args.weight_decay,
-                      dtype=args.dtype or default_dtype(device), max_steps=args.max_steps, log_interval=args.log_interval,
-                      eval_interval=args.eval_interval, eval_batches=args.eval_batches, save_interval=args.save_interval,
+                      accumulation_steps=args.accumulation_steps, grad_clip=args.grad_clip,
+                      weight_decay=args.weight_decay, dtype=args.dtype or default_dtype(device),
+                      max_steps=args.max_steps, log_interval=args.log_interval, eval_interval=args.eval_interval,
+                      eval_batches=args.eval_batches, save_interval=args.save_interval,
                       num_workers=args.num_workers, seed=args.seed)
     if args.compile:  # one entry point for torch.compile (chapter 11); saving still sees the plain modules
         compile_model(model, decode=False)

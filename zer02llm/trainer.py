@@ -68,7 +68,8 @@ def default_dtype(device: str | torch.device) -> str:
 
 
 def autocast_context(device_type: str, dtype: str):
-    """Mixed precision: matmuls in `dtype`, precision-sensitive ops and the weights in float32; float32 = no autocast."""
+    """Mixed precision: matmuls in `dtype`, precision-sensitive ops and the weights in float32;
+    float32 = no autocast."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     return nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=DTYPES[dtype])
@@ -189,8 +190,9 @@ class Trainer:
         self.steps_per_epoch = self.micro_per_epoch // cfg.accumulation_steps
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"{len(train_data)} training examples are too few for one optimizer step of batch_size {cfg.batch_size}"
-                f" x accumulation_steps {cfg.accumulation_steps} x {self.world_size} process(es): lower them or add data")
+                f"{len(train_data)} training examples are too few for one optimizer step of batch_size "
+                f"{cfg.batch_size} x accumulation_steps {cfg.accumulation_steps} x {self.world_size} process(es): "
+                "lower them or add data")
         planned = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0  # the data position: micro-batches used this epoch
@@ -269,7 +271,8 @@ class Trainer:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.raw_model.parameters() if p.requires_grad], max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.raw_model.parameters() if p.requires_grad], max_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
