@@ -105,7 +105,7 @@ def test_sft_default_init_path_and_lora(corpus, pretrained, capsys):
             "--lora_rank", "4", "--lora_targets", "q_proj,v_proj", "--max_seq_len", "32"]
     assert main([str(a) for a in args]) == 0  # finds out/pretrain_32.pth from --dim
     printed = capsys.readouterr().out
-    assert f"starting from {pretrained}" in printed and "examples of 32 tokens" in printed
+    assert f"starting from {pretrained}" in printed and "examples of up to 32 tokens" in printed
     assert LLM.from_checkpoint(out / "sft_32.pth").config.max_seq_len == 64  # shorter training, same context
     adapter = torch.load(out / "sft_32_lora.pth", weights_only=True)
     assert adapter["lora"]["rank"] == 4 and adapter["lora"]["targets"] == ["q_proj", "v_proj"]

@@ -318,7 +318,8 @@ def run(args) -> dict:
             say(f"--resume: no {resume_path(ckpt)} yet, starting from the beginning")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"{args.mode}: {model.num_parameters() / 1e6:.2f} M parameters ({trainable / 1e6:.2f} M trained), "
-        f"{len(train_data)} training examples of {seq_len} tokens, {world_size} process(es) on {device.type}, "
+        f"{len(train_data)} training examples of {'up to ' if args.mode == 'sft' else ''}{seq_len} tokens, "
+        f"{world_size} process(es) on {device.type}, "
         f"{cfg.dtype}, {trainer.total_steps} optimizer steps of {cfg.batch_size * cfg.accumulation_steps * world_size} "
         f"examples" + (f", starting from {init}" if init else ""))
     history = trainer.fit()
