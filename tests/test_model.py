@@ -1,4 +1,5 @@
-"""LLM: structure, initialisation, forward against a naive reference, loss, KV cache, masks, generation, checkpoints."""
+"""LLM: structure, initialisation, forward against a naive reference, loss, KV cache, masks (generation:
+tests/test_generate.py; checkpoint files: tests/test_checkpoint.py)."""
 import math
 
 import pytest
@@ -7,7 +8,6 @@ import torch.nn.functional as F
 
 from zer02llm.attention import KVCache
 from zer02llm.config import LLMconfig
-from zer02llm.checkpoint import read_checkpoint
 from zer02llm.model import LLM, Block, LLMOutput, lm_loss
 
 ATOL = 1e-5  # float32
@@ -241,177 +241,6 @@ def test_left_padding_mask_gives_each_sequence_its_own_logits():
         torch.testing.assert_close(out[0, 4:], m(a[None]).logits[0], atol=ATOL, rtol=ATOL)
         torch.testing.assert_close(out[1], m(b[None]).logits[0], atol=ATOL, rtol=ATOL)
         assert torch.isfinite(out).all()
-
-
-# ---------------------------------------------------------------- generation
-def greedy_naive(m, x, n, penalty=1.0):
-    """Full re-forward every step; the CTRL penalty computed with gather/scatter over the sequence."""
-    with torch.no_grad():
-        for _ in range(n):
-            logits = m(x).logits[:, -1]
-            if penalty != 1.0:
-                s = logits.gather(1, x)
-                logits = logits.scatter(1, x, torch.where(s > 0, s / penalty, s * penalty))
-            x = torch.cat([x, logits.argmax(-1, keepdim=True)], 1)
-    return x
-
-
-@pytest.mark.parametrize("kw", [{}, dict(use_moe=True, n_shared_experts=1), dict(n_kv_heads=None, tie_word_embeddings=False)])
-def test_greedy_with_cache_equals_full_reforward(kw):
-    m = tiny(**kw)
-    x = ids(2, 7)
-    torch.testing.assert_close(m.generate(x, max_new_tokens=25, temperature=0), greedy_naive(m, x, 25), atol=0, rtol=0)
-
-
-def test_repetition_penalty_in_the_loop():
-    m = tiny()
-    x = ids(2, 7)
-    out = m.generate(x, max_new_tokens=15, temperature=0, repetition_penalty=1.8)
-    assert torch.equal(out, greedy_naive(m, x, 15, penalty=1.8))
-
-
-def test_left_padded_batch_equals_each_sequence_alone():
-    m = tiny()
-    a, b = ids(1, 5, seed=4)[0], ids(1, 9, seed=5)[0]
-    batch = torch.stack([torch.cat([torch.full((4,), 7), a]), b])
-    mask = torch.tensor([[0] * 4 + [1] * 5, [1] * 9])
-    out = m.generate(batch, max_new_tokens=12, temperature=0, attention_mask=mask)
-    assert torch.equal(out[0, 9:], m.generate(a, max_new_tokens=12, temperature=0)[5:])
-    assert torch.equal(out[1, 9:], m.generate(b, max_new_tokens=12, temperature=0)[9:])
-
-
-def test_one_dimensional_prompt_and_zero_new_tokens():
-    m = tiny()
-    x = ids(1, 5)[0]
-    out = m.generate(x, max_new_tokens=4, temperature=0)
-    assert out.shape == (9,) and torch.equal(out[:5], x)
-    assert torch.equal(m.generate(x, max_new_tokens=0), x)
-
-
-def test_seeded_sampling_is_reproducible():
-    m = tiny()
-    x = ids(3, 4)
-    run = lambda seed: m.generate(x, 20, temperature=1.2, top_k=40, top_p=0.95, generator=torch.Generator().manual_seed(seed))  # noqa: E731
-    assert torch.equal(run(1), run(1))
-    assert not torch.equal(run(1), run(2))
-
-
-def test_eos_stops_each_sequence_and_fills():
-    m = tiny()
-    x = ids(2, 6)
-    free = m.generate(x, max_new_tokens=20, temperature=0)
-    eos = int(free[0, 8])  # sequence 0 emits it at new-token index 2 (or earlier)
-    out = m.generate(x, max_new_tokens=20, temperature=0, eos_token_id=[eos, 96])
-    first = int((free[0, 6:] == eos).nonzero()[0])
-    assert torch.equal(out[0, 6:6 + first + 1], free[0, 6:6 + first + 1])
-    assert (out[0, 6 + first:] == eos).all()
-    for row_out, row_free in zip(out, free):  # until it finishes, each sequence is unchanged
-        hits = torch.isin(row_free[6:], torch.tensor([eos, 96])).nonzero()
-        stop = int(hits[0]) + 1 if len(hits) else 20
-        assert torch.equal(row_out[6:6 + stop], row_free[6:6 + stop])
-    single = m.generate(x[:1], max_new_tokens=20, temperature=0, eos_token_id=eos)
-    assert single.shape[1] == 6 + first + 1  # stops as soon as every sequence has finished
-
-
-def test_stream_generate_yields_the_same_tokens():
-    m = tiny()
-    x = ids(2, 5)
-    steps = list(m.stream_generate(x, max_new_tokens=10, temperature=0))
-    assert len(steps) == 10 and all(s.shape == (2,) for s in steps)
-    assert torch.equal(torch.stack(steps, 1), m.generate(x, max_new_tokens=10, temperature=0)[:, 5:])
-    assert torch.equal(torch.stack(list(m.generate(x, 10, temperature=0, stream=True)), 1), torch.stack(steps, 1))
-
-
-def test_generate_output_is_an_ordinary_tensor():
-    m = tiny()
-    out = m.generate(ids(1, 4), max_new_tokens=3, temperature=0)
-    assert not out.requires_grad and not out.is_inference()
-    m.train()
-    m(out, labels=out).loss.backward()  # usable for training afterwards
-
-
-def test_generate_in_bfloat16():
-    m = tiny().to(torch.bfloat16)
-    out = m.generate(ids(2, 4), max_new_tokens=5, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(0))
-    assert out.shape == (2, 9)
-
-
-@pytest.mark.parametrize(
-    "call, error, message",
-    [
-        (lambda m: m.generate(ids(1, 60), max_new_tokens=10), ValueError, r"prompt \(60 tokens\) \+ max_new_tokens \(10\) = 70 exceeds max_seq_len=64"),
-        (lambda m: m.generate(ids(1, 4), max_new_tokens=-1), ValueError, "max_new_tokens must be an int >= 0"),
-        (lambda m: m.generate(torch.zeros(1, 0, dtype=torch.long), 5), ValueError, "prompt is empty"),
-        (lambda m: m.generate(torch.tensor([[5, 200]]), 5), ValueError, r"token ids must be in \[0, 97\)"),
-        (lambda m: m.generate(torch.rand(1, 4), 5), ValueError, "tensor of token ids"),
-        (lambda m: m.generate([1, 2, 3], 5), TypeError, "torch.Tensor"),
-        (lambda m: m.generate(ids(2, 4), attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]), max_new_tokens=5), ValueError, "LEFT padding"),
-        (lambda m: m.generate(ids(2, 4), attention_mask=torch.ones(2, 3), max_new_tokens=5), ValueError, "shape of input_ids"),
-        (lambda m: m.generate(ids(1, 4), 5, temperature=-1), ValueError, "temperature"),
-        (lambda m: m.generate(ids(1, 4), 5, top_p=0), ValueError, "top_p"),
-        (lambda m: m.generate(ids(1, 4), 5, eos_token_id=500), ValueError, "eos_token_id"),
-    ],
-)
-def test_generate_errors_are_raised_at_the_call(call, error, message):
-    with pytest.raises(error, match=message):
-        call(tiny())
-
-
-def test_quick_start_runs_as_written():
-    torch.manual_seed(0)
-    config = LLMconfig(vocab_size=32000, dim=512, n_layers=6, n_heads=8, max_seq_len=2048)
-    model = LLM(config)
-    input_ids = torch.randint(0, 32000, (1, 8))
-    output = model.generate(input_ids, max_new_tokens=100, temperature=0.7, top_p=0.9)
-    assert output.shape == (1, 108) and torch.equal(output[:, :8], input_ids)
-
-
-# ---------------------------------------------------------------- checkpoints
-def test_checkpoint_round_trip(tmp_path):
-    m = tiny(use_moe=True, tie_word_embeddings=False)
-    path = m.save_checkpoint(tmp_path / "sub" / "ckpt.pth")
-    assert [p.name for p in path.parent.iterdir()] == ["ckpt.pth"]  # atomic: no temporary file left behind
-    raw = torch.load(path, weights_only=True)
-    assert set(raw) == {"config", "model"} and raw["config"] == m.config.to_dict()
-    again = LLM.from_checkpoint(path)
-    x = ids(2, 8)
-    with torch.no_grad():
-        assert torch.equal(again(x).logits, m(x).logits)
-    fresh = tiny(seed=9, use_moe=True, tie_word_embeddings=False, dropout=0.1, max_seq_len=32)  # runtime fields may differ
-    fresh.load_checkpoint(path)
-    assert torch.equal(fresh.eval()(x).logits, m(x).logits)
-
-
-def test_checkpoint_with_extra_keys_and_tied_weights(tmp_path):
-    m = tiny()
-    torch.save({"config": m.config.to_dict(), "model": m.state_dict(), "step": 10, "optimizer": {}}, tmp_path / "c.pth")
-    again = LLM.from_checkpoint(tmp_path / "c.pth")
-    assert again.lm_head.weight is again.embed_tokens.weight
-    assert read_checkpoint(tmp_path / "c.pth")["step"] == 10
-
-
-def test_checkpoint_errors(tmp_path):
-    m = tiny()
-    good = m.save_checkpoint(tmp_path / "good.pth")
-    with pytest.raises(ValueError, match=r"different architecture \(n_layers: model 3, checkpoint 2\)"):
-        tiny(n_layers=3).load_checkpoint(good)
-    truncated = tmp_path / "truncated.pth"
-    truncated.write_bytes(good.read_bytes()[:500])
-    with pytest.raises(ValueError, match="not a readable checkpoint"):
-        LLM.from_checkpoint(truncated)
-    with pytest.raises(FileNotFoundError, match="no checkpoint file"):
-        LLM.from_checkpoint(tmp_path / "missing.pth")
-    torch.save(m.state_dict(), tmp_path / "bare.pth")
-    with pytest.raises(ValueError, match="not a zer02llm checkpoint"):
-        LLM.from_checkpoint(tmp_path / "bare.pth")
-    torch.save({"config": {**m.config.to_dict(), "n_head": 4}, "model": m.state_dict()}, tmp_path / "badcfg.pth")
-    with pytest.raises(ValueError, match="stored config is invalid"):
-        LLM.from_checkpoint(tmp_path / "badcfg.pth")
-    sd = m.state_dict()
-    sd.pop("norm.weight")
-    torch.save({"config": m.config.to_dict(), "model": sd}, tmp_path / "missing_key.pth")
-    with pytest.raises(ValueError, match="weights do not fit"):
-        LLM.from_checkpoint(tmp_path / "missing_key.pth")
 
 
 def test_lm_loss_and_num_items_in_batch():

@@ -1,7 +1,7 @@
 """The training loop (zer02llm.trainer): schedule, parameter groups, AMP helpers, data order, accumulation,
 checkpoints, exact resume, and the errors a broken run must give. Tiny models; the whole file runs in seconds."""
+import gc
 import math
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -322,18 +322,23 @@ def test_step_loss_does_not_depend_on_how_the_batch_is_split(use_moe):
     assert r0["tokens_per_s"] > 0 and ("aux_loss" in r0) == use_moe
 
 
+def _ddp_train(rank: int, out: str) -> None:
+    torch.set_num_threads(1)
+    model = tiny_model()
+    trainer = Trainer(model, Conversations(), TrainConfig(batch_size=2, accumulation_steps=1, max_steps=1,
+                                                          learning_rate=1e-3, grad_clip=0, log_interval=1))
+    record = trainer.fit()[-1]
+    if rank == 0:
+        torch.save({"weights": torch.cat([p.detach().flatten() for p in model.parameters()]),
+                    "lm_loss": record["lm_loss"]}, out)
+
+
 def _ddp_step(rank: int, world_size: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
-        torch.set_num_threads(1)
-        model = tiny_model()
-        trainer = Trainer(model, Conversations(), TrainConfig(batch_size=2, accumulation_steps=1, max_steps=1,
-                                                              learning_rate=1e-3, grad_clip=0, log_interval=1))
-        record = trainer.fit()[-1]
-        if rank == 0:
-            torch.save({"weights": torch.cat([p.detach().flatten() for p in model.parameters()]),
-                        "lm_loss": record["lm_loss"]}, out)
-    finally:
+        _ddp_train(rank, out)
+    finally:  # the DDP wrapper is gone before the group (see zer02llm.train.teardown_distributed)
+        gc.collect()
         dist.destroy_process_group()
 
 
