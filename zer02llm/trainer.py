@@ -204,7 +204,7 @@ class Trainer:
         if self.step == 0 and self.val_data is not None:
             self._record({"step": 0, "val_loss": self.evaluate()})
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
-                   disable=not (self.progress and self.rank == 0))
+                   disable=None if self.progress and self.rank == 0 else True)  # None: a terminal only
         try:
             busy, tokens = 0.0, 0  # seconds spent in train_step since the last log line (not in eval or saving)
             self.model.train()
@@ -252,7 +252,7 @@ class Trainer:
         micro = [next(batches) for _ in range(k)]
         counts = torch.tensor([sum(int((b[1][:, 1:] != IGNORE_INDEX).sum()) for b in micro),  # labelled tokens
                                sum(b[0].numel() if len(b) == 2 else int(b[2].sum()) for b in micro)],  # real tokens
-                              device=self.device, dtype=torch.float64)
+                              device=self.device)  # int64: every backend (and MPS) reduces it
         if self.ddp:
             dist.all_reduce(counts)
         per_rank = counts[0].clamp_min(1).float() / world  # DDP averages the gradients over the processes
