@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from zer02llm import corpus
-from zer02llm.corpus import (COLORS, FILES, QUESTIONS, STATEMENTS, THINGS, JsonlError, answer_matches,
-                             check_conversation, check_text, iter_jsonl, make_story, make_world, write_builtin_dataset,
-                             write_jsonl)
+from zer02llm.corpus import (COLORS, FILES, QUESTIONS, STATEMENTS, THINGS, JsonlError, check_conversation, check_text,
+                             iter_jsonl, make_story, make_world, write_builtin_dataset, write_jsonl)
 
 SIZE_MB = 0.4
 
@@ -31,13 +30,14 @@ def _word(text: str, word: str) -> bool:
 
 def test_files_and_schemas(built):
     paths, data = built
-    assert set(paths) == {"pretrain", "sft", "eval"}
+    assert set(paths) == {"pretrain", "sft", "eval", "eval_entities"}
     assert {k: p.name for k, p in paths.items()} == FILES
     assert all(check_text(r) is None for r in data["pretrain"])
     assert all(check_conversation(r) is None for r in data["sft"])
-    for r in data["eval"]:
-        assert set(r) == {"question", "answer"}
+    for r in data["eval"] + data["eval_entities"]:
+        assert set(r) == {"question", "answer", "subject", "relation"}
         assert isinstance(r["answer"], str) and re.fullmatch(r"\w+", r["answer"]), r
+        assert r["subject"] in r["question"]
     size = paths["pretrain"].stat().st_size
     longest = max(len(json.dumps(r, ensure_ascii=False)) + 1 for r in data["pretrain"])
     assert SIZE_MB * 1e6 <= size < SIZE_MB * 1e6 + longest
@@ -62,23 +62,39 @@ def test_sft_mix(built):
     assert any(m["content"].startswith("Tell me a") for c in convs for m in c)
 
 
-def test_eval_facts_are_in_pretraining_but_never_in_sft(built):
-    _, data = built
-    world = make_world(0)
-    held_out = world.held_out
-    assert held_out and len(data["eval"]) == sum(len(QUESTIONS[f.relation]) for f in held_out)
-    assert {(e["answer"]) for e in data["eval"]} == {f.answer for f in held_out}
-    messages = [m["content"] for r in data["sft"] for m in r["conversations"]]
-    questions = {e["question"] for e in data["eval"]}
-    for fact in held_out:
-        leaks = [m for m in messages if _word(m, fact.subject) and _word(m, fact.answer)]
-        assert not leaks, f"held-out fact {fact} appears in SFT: {leaks[0]!r}"
+def _questions(data) -> list[str]:
+    """Every question of the QA text: SFT user messages and the question lines of pretraining's question pages."""
+    asked = [m["content"] for r in data["sft"] for m in r["conversations"] if m["role"] == "user"]
+    return asked + [line for r in data["pretrain"] if r["text"].startswith("Questions about")
+                    for line in r["text"].splitlines()[1:]]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_held_out_facts_and_entities_are_stated_but_never_asked(seed, tmp_path):
+    world = make_world(seed)
+    paths = write_builtin_dataset(tmp_path, seed=seed, size_mb=SIZE_MB)
+    data = {k: [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines()] for k, p in paths.items()}
+    entity_facts = [f for f in world.facts if f.subject in world.held_out_entities]
+    assert len(world.held_out_entities) == 8 and len(entity_facts) == 16
+    assert not world.held_out & set(entity_facts), "a held-out fact belongs to a held-out entity"
+    assert len(data["eval"]) == sum(len(QUESTIONS[f.relation]) for f in world.held_out)
+    assert len(data["eval_entities"]) == sum(len(QUESTIONS[f.relation]) for f in entity_facts)
+    assert {(e["subject"], e["relation"], e["answer"]) for e in data["eval"]} == {
+        (f.subject, f.relation, f.answer) for f in world.held_out}
+    sft_text = [m["content"] for r in data["sft"] for m in r["conversations"]]
+    for person in world.held_out_entities:  # not mentioned at all, in any SFT message
+        assert not any(person in m for m in sft_text), person
+    questions = _questions(data)
+    for fact in world.held_out | set(entity_facts):
+        asked = [q for q in questions if _word(q, fact.subject) and _word(q, fact.answer)]
+        assert not asked, f"held-out {fact} is asked: {asked[0]!r}"
         statements = [t.format(s=fact.subject, a=fact.answer) for t in STATEMENTS[fact.relation]]
-        assert any(s in r["text"] for r in data["pretrain"] for s in statements), f"{fact} never stated in pretraining"
-    assert not questions & set(messages), "an evaluation question is an SFT message"
-    # the SFT data does teach the question format, on the other facts
-    kept = [f for f in world.facts if f not in held_out]
-    assert sum(any(_word(m, f.subject) and _word(m, f.answer) for m in messages) for f in kept) > len(kept) // 2
+        assert any(s in r["text"] for r in data["pretrain"] for s in statements), f"{fact} never stated"
+    for person in world.held_out_entities:
+        assert not any(_word(q, person) for q in questions), f"{person} appears in a question"
+    # the QA text does teach the question format, on the other facts
+    asked = world.asked()
+    assert sum(any(_word(q, f.subject) and _word(q, f.answer) for q in questions) for f in asked) > 0.9 * len(asked)
 
 
 def test_pretraining_facts_are_consistent(built):
@@ -106,15 +122,6 @@ def test_stories_keep_their_cast():
     story, cast = make_story(random.Random(1), name="Mia", color="red", thing="kite")
     assert cast["he"] == "she" and "red kite" in story and " blue kite" not in story
 
-
-def test_answer_matches():
-    assert answer_matches("Korvel lies on the river Sora.", "Sora")
-    assert answer_matches("sora", "Sora")
-    assert not answer_matches("Soran is a name.", "Sora")
-    assert answer_matches("12 plus 3 is 15.", "15") and not answer_matches("115", "15")
-
-
-# ---- JSONL reading and bad input -------------------------------------------------------------------------------
 
 def _write(tmp_path, content: bytes, name="data.jsonl") -> Path:
     p = tmp_path / name
@@ -193,7 +200,7 @@ def test_size_must_be_positive(tmp_path):
 
 def test_cli_build(tmp_path, capsys):
     result = corpus.main(["--out", str(tmp_path), "--size_mb", "0.05", "--seed", "3"])
-    assert set(result) == {"pretrain", "sft", "eval"} and all(p.exists() for p in result.values())
+    assert set(result) == set(FILES) and all(p.exists() for p in result.values())
     assert "pretrain" in capsys.readouterr().out
 
 

@@ -7,6 +7,7 @@ Map: chapter notebook -> module (one concern each; `help(zer02llm.<module>)` for
 - 06a -> `config` (`LLMconfig`); 06 -> `model` (`LLM`: the model and its loss, nothing else)
 - 06b -> `generate` (the generation loop and sampling); 06c -> `hf` (transformers round trip); 06d -> `checkpoint`
 - 07a -> `corpus` (the tiny world, JSONL); 07b -> `tokenizer` (BPE, chat template, stream decoder); 07c -> `data`
+- 07d -> `evaluate` (fact probe, strict answers and baselines, story checker)
 - 08 pretraining -> `trainer`; 09 SFT and LoRA -> `lora`; 10 DDP and chat -> `train`, `chat` (the command lines)
 - 11 speed -> `fast` (the opt-in lean CPU decoding step, `compile_model`)"""
 

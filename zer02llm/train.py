@@ -2,8 +2,8 @@
 
 # %% auto #0
 __all__ = ['ARCH_FLAGS', 'RUNTIME_FLAGS', 'DEFAULT_DIM', 'str2bool', 'build_parser', 'init_distributed', 'teardown_distributed',
-           'is_main_process', 'barrier', 'resolve_data_path', 'build_datasets', 'build_model', 'wandb_has_key',
-           'start_wandb', 'format_record', 'run', 'main']
+           'is_main_process', 'barrier', 'resolve_data_path', 'build_datasets', 'question_metrics', 'build_model',
+           'wandb_has_key', 'start_wandb', 'format_record', 'run', 'main']
 
 # %% ../notebooks/10_ddp.ipynb #prologue
 # Run as a file (`python zer02llm/train.py`, `torchrun zer02llm/train.py`)? Become a module of the package first,
@@ -32,6 +32,7 @@ from tqdm import tqdm
 from .config import LLMconfig
 from .corpus import FILES, write_builtin_dataset
 from .data import PretrainDataset, SFTDataset
+from .evaluate import answer_accuracy, read_questions
 from .fast import compile_model
 from .lora import apply_lora, merge_lora, save_lora
 from .model import LLM
@@ -117,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_interval", type=int, default=500,
                    help="optimizer steps between validation losses (0: first and last only)")
     g.add_argument("--eval_batches", type=int, default=20)
+    g.add_argument("--eval_files", default=None,
+                   help="sft: comma-separated question files (JSONL of question, answer[, subject, relation]) scored "
+                        "at every validation (default: eval_facts.jsonl and eval_entities.jsonl beside --data_path, "
+                        "where they exist; 'none' to skip)")
     g.add_argument("--save_interval", type=int, default=100,
                    help="optimizer steps between checkpoints (0: at the end only)")
     g.add_argument("--use_wandb", default=False, **switch,
@@ -192,6 +197,24 @@ def build_datasets(mode: str, path: Path, tokenizer, max_seq_len: int, batch_siz
         return data, None
     return split_train_val(data, n_val)
 
+
+def question_metrics(mode: str, eval_files: str | None, data_path: Path, tokenizer) -> dict:
+    """SFT: one metric per question file, the share of its questions answered correctly (chapter 07d's strict
+    scoring). The files are read here, before training, so a bad line stops the run at once."""
+    if mode != "sft" or eval_files == "none":
+        return {}
+    if eval_files:
+        paths = [Path(f.strip()) for f in eval_files.split(",") if f.strip()]
+        for path in paths:
+            if not path.is_file():
+                raise FileNotFoundError(f"--eval_files {path}: no such file ('none' turns the evaluation off)")
+    else:
+        paths = [data_path.parent / FILES[key] for key in ("eval", "eval_entities")]
+        paths = [path for path in paths if path.is_file()]
+    questions = {path.stem: read_questions(path) for path in paths}
+    return {name: lambda model, q=q: answer_accuracy(model, tokenizer, q).accuracy["all"]
+            for name, q in questions.items()}
+
 # %% ../notebooks/10_ddp.ipynb #model
 DEFAULT_DIM = 512
 
@@ -254,7 +277,9 @@ def start_wandb(project: str, run_name: str | None, config: dict):
 def format_record(record: dict, total_steps: int) -> str:
     step = f"step {record['step']:>{len(str(total_steps))}}/{total_steps}"
     if "val_loss" in record:
-        return f"{step} | val loss {record['val_loss']:.4f} | val ppl {math.exp(min(record['val_loss'], 50)):.2f}"
+        metrics = "".join(f" | {k} {v:.1%}" for k, v in record.items() if k not in ("step", "val_loss"))
+        return (f"{step} | val loss {record['val_loss']:.4f} | val ppl {math.exp(min(record['val_loss'], 50)):.2f}"
+                + metrics)
     aux = f" | aux loss {record['aux_loss']:.4f}" if "aux_loss" in record else ""
     return (f"{step} | epoch {record['epoch'] + 1} | loss {record['lm_loss']:.4f}{aux} | lr {record['lr']:.3e} | "
             f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s")
@@ -292,6 +317,7 @@ def run(args) -> dict:
     seq_len = args.max_seq_len or model.config.max_seq_len
     data_path = resolve_data_path(args.mode, args.data_path)
     train_data, val_data = build_datasets(args.mode, data_path, tokenizer, seq_len, args.batch_size, world_size)
+    metrics = question_metrics(args.mode, args.eval_files, data_path, tokenizer)
     cfg = TrainConfig(batch_size=args.batch_size, epochs=args.epochs, learning_rate=lr, warmup_iters=args.warmup_iters,
                       accumulation_steps=args.accumulation_steps, grad_clip=args.grad_clip,
                       weight_decay=args.weight_decay, dtype=args.dtype or default_dtype(device),
@@ -315,7 +341,7 @@ def run(args) -> dict:
             wandb_run.log(record, step=record["step"])
 
     trainer = Trainer(model, train_data, cfg, val_data=val_data, device=device, ckpt_path=ckpt, save_model=save_model,
-                      log=log, progress=True)
+                      log=log, progress=True, metrics=metrics)
     if args.resume:
         if trainer.resume():
             say(f"resumed from {resume_path(ckpt)} at step {trainer.step}")

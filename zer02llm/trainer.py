@@ -169,7 +169,8 @@ class Trainer:
     def __init__(self, model: nn.Module, train_data: Dataset, cfg: TrainConfig, val_data: Dataset | None = None,
                  device: str | torch.device = "cpu", ckpt_path: str | os.PathLike | None = None,
                  save_model: Callable[[nn.Module, Path], object] | None = None,
-                 log: Callable[[dict], None] | None = None, progress: bool = False):
+                 log: Callable[[dict], None] | None = None, progress: bool = False,
+                 metrics: dict[str, Callable[[nn.Module], float]] | None = None):
         self.cfg, self.device = cfg, torch.device(device)
         self.train_data, self.val_data = train_data, val_data
         self.ddp = dist.is_available() and dist.is_initialized()
@@ -186,6 +187,7 @@ class Trainer:
         self.ckpt_path = Path(ckpt_path) if ckpt_path is not None else None
         self.save_model = save_model or (lambda m, path: m.save_checkpoint(path))
         self.log, self.progress = log or (lambda record: None), progress
+        self.metrics = metrics or {}  # name -> f(model): measured with each validation loss, on rank 0
         self.micro_per_epoch = len(train_data) // self.world_size // cfg.batch_size  # micro-batches per rank
         self.steps_per_epoch = self.micro_per_epoch // cfg.accumulation_steps
         if self.steps_per_epoch == 0:
@@ -202,7 +204,7 @@ class Trainer:
         """Train until `total_steps` optimizer steps are done; return the log and validation records."""
         cfg = self.cfg
         if self.step == 0 and self.val_data is not None:
-            self._record({"step": 0, "val_loss": self.evaluate()})
+            self._record(self.validate())
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=None if self.progress and self.rank == 0 else True)  # None: a terminal only
         try:
@@ -224,13 +226,13 @@ class Trainer:
                         busy, tokens = 0.0, 0
                     if self.step < self.total_steps:
                         if self.val_data is not None and cfg.eval_interval and self.step % cfg.eval_interval == 0:
-                            self._record({"step": self.step, "val_loss": self.evaluate()})
+                            self._record(self.validate())
                         if cfg.save_interval and self.step % cfg.save_interval == 0:
                             self.save()
         finally:
             bar.close()  # also when an error stops the run, so the message starts on its own line
         if self.val_data is not None and self._last_eval_step() != self.step:
-            self._record({"step": self.step, "val_loss": self.evaluate()})
+            self._record(self.validate())
         self.save()
         return self.history
 
@@ -310,6 +312,14 @@ class Trainer:
             raise ValueError(f"the validation set ({len(self.val_data)} examples) has no labelled token in "
                              f"{self.cfg.eval_batches} batches of {self.cfg.batch_size} per process")
         return (total[0] / total[1]).item()
+
+    def validate(self) -> dict:
+        """The validation record: the loss, and each metric of the model (greedy answers, a probe: slow, so rank 0
+        alone measures them; the other ranks wait at their next step's all-reduce)."""
+        record = {"step": self.step, "val_loss": self.evaluate()}
+        if self.rank == 0:
+            record.update({name: metric(self.raw_model) for name, metric in self.metrics.items()})
+        return record
 
     def _record(self, record: dict) -> None:
         self.history.append(record)
