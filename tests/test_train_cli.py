@@ -118,6 +118,24 @@ def test_sft_default_init_path_and_lora(corpus, pretrained, capsys):
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
 
 
+def test_sft_scores_the_held_out_questions_at_each_validation(corpus, pretrained, tmp_path, capsys):
+    args = ["--mode", "sft", "--init_from", pretrained, "--data_path", corpus["sft"], "--out_dir", tmp_path, *TINY,
+            "--max_steps", "3"]
+    assert main([str(a) for a in args]) == 0  # the question files beside the data are found
+    vals = [line for line in capsys.readouterr().out.splitlines() if "val loss" in line]
+    assert len(vals) == 2 and all(re.search(r"\| eval_facts \d+\.\d% \| eval_entities \d+\.\d%$", v) for v in vals), vals
+    assert main([str(a) for a in args + ["--eval_files", "none"]]) == 0
+    assert "eval_facts" not in capsys.readouterr().out
+    own = tmp_path / "mine.jsonl"
+    own.write_text('{"question": "What is 2 plus 3?", "answer": "5"}\n')
+    assert main([str(a) for a in args + ["--eval_files", own]]) == 0
+    assert re.search(r"\| mine \d+\.\d%$", capsys.readouterr().out.splitlines()[-2])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "What is 2 plus 3?", "answer": "5"}\n{"answer": "5"}\n')
+    assert f"{bad}:2:" in error_of([str(a) for a in args + ["--eval_files", bad]], capsys)
+    assert "no such file" in error_of([str(a) for a in args + ["--eval_files", tmp_path / "nope.jsonl"]], capsys)
+
+
 def test_kill_and_resume_reproduces_the_losses(corpus, tmp_path):
     args = [SCRIPT, "--data_path", corpus["pretrain"], *TINY, "--max_steps", "60", "--save_interval", "5"]
     for name in ("straight", "killed"):

@@ -160,6 +160,22 @@ def test_fit_learns_logs_and_saves(tmp_path):
     assert state["step"] == 30 and state["epoch"] == 3 and state["batch_in_epoch"] == 0
 
 
+def test_metrics_are_measured_with_each_validation():
+    calls = []
+
+    def metric(m):
+        calls.append((m, m.training))
+        return 0.5 + len(calls)
+
+    model = tiny_model()
+    cfg = TrainConfig(batch_size=8, epochs=1, learning_rate=1e-2, log_interval=5, eval_interval=4)
+    history = Trainer(model, RandomBlocks(80), cfg, val_data=RandomBlocks(16, seed=1), metrics={"probe": metric}).fit()
+    vals = [r for r in history if "val_loss" in r]
+    assert [r["step"] for r in vals] == [0, 4, 8, 10]
+    assert [r["probe"] for r in vals] == [1.5, 2.5, 3.5, 4.5]  # measured once per validation, in order
+    assert all(m is model for m, _ in calls) and all("probe" not in r for r in history if "lm_loss" in r)
+
+
 class Killed(Exception):
     pass
 

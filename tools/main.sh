@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: the course's whole pipeline on a CPU in a few minutes, on the built-in corpus.
-#   data (tiny world) -> pretrain a 1 M-parameter model -> SFT from it -> stream two chat answers
+#   data (tiny world) -> pretrain a 1 M-parameter model -> SFT from it -> stream three chat answers
 # Everything goes to out/main/ (the data too, so a dataset/ of your own is never touched).
 # The same steps at full size on a GPU: drop the size flags (see README, "Training, chat and DDP").
 set -euo pipefail
@@ -19,13 +19,15 @@ echo "== 2/4 pretraining (900 steps of 16 x 128 tokens: two passes over the corp
 python zer02llm/train.py --mode pretrain --data_path "$WORK/dataset/pretrain_hq.jsonl" "${SIZE[@]}" "${RUN[@]}" \
     --max_seq_len 128 --learning_rate 3e-3 --warmup_iters 20 --epochs 2 --max_steps 900
 
+# The validation lines score the held-out questions found beside the data: eval_facts and eval_entities.
 echo "== 3/4 supervised fine-tuning from $WORK/pretrain_128.pth (120 steps of 16 conversations)"
 python zer02llm/train.py --mode sft --data_path "$WORK/dataset/sft_data.jsonl" "${SIZE[@]}" "${RUN[@]}" \
     --max_seq_len 64 --learning_rate 5e-4 --warmup_iters 10 --max_steps 120
 
 echo "== 4/4 chat (streamed token by token)"
-# A fact that no SFT conversation asks about (dataset/eval_facts.jsonl): the answer comes from pretraining.
-for question in "What is Brisco famous for?" "Tell me a short story."; do
+# A held-out fact (eval_facts.jsonl) and a held-out person (eval_entities.jsonl): no question-and-answer text of
+# the corpus asks about either, so the answers come from what pretraining read.
+for question in "What is Pellam famous for?" "Where does Rowena Dale live?" "Tell me a short story."; do
     echo "user: $question"
     printf "assistant: "
     python -m zer02llm.chat --checkpoint "$WORK/sft_128.pth" --prompt "$question" \

@@ -47,6 +47,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'zer02llm.corpus._json_line': ('corpus.html#_json_line', 'zer02llm/corpus.py'),
                                  'zer02llm.corpus._kind': ('corpus.html#_kind', 'zer02llm/corpus.py'),
                                  'zer02llm.corpus._math_turn': ('corpus.html#_math_turn', 'zer02llm/corpus.py'),
+                                 'zer02llm.corpus._new_people': ('corpus.html#_new_people', 'zer02llm/corpus.py'),
                                  'zer02llm.corpus._parse_line': ('corpus.html#_parse_line', 'zer02llm/corpus.py'),
                                  'zer02llm.corpus._story_turns': ('corpus.html#_story_turns', 'zer02llm/corpus.py'),
                                  'zer02llm.corpus.arithmetic': ('corpus.html#arithmetic', 'zer02llm/corpus.py'),

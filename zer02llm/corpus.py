@@ -40,7 +40,7 @@ JOBS = ["baker", "farmer", "teacher", "doctor", "painter", "fisher", "builder", 
         "miller", "weaver"]
 N_PEOPLE = 36
 HELD_OUT_PEOPLE = 8  # people that no question ever mentions: the second evaluation set
-HELD_OUT = 0.25  # share of each relation's other facts that no question ever asks: the first evaluation set
+HELD_OUT = 0.25  # share of each relation's other facts never asked (the subject is asked other things)
 
 
 @dataclass(frozen=True)
@@ -79,13 +79,31 @@ def make_world(seed: int = 0) -> World:
     people = {p: {"job": rng.choice(JOBS), "home": rng.choice(TOWNS)} for p in names}
     facts = [Fact(t, rel, a) for t, attrs in towns.items() for rel, a in attrs.items()]
     facts += [Fact(p, rel, a) for p, attrs in people.items() for rel, a in attrs.items()]
-    entities = set(rng.sample(names, HELD_OUT_PEOPLE))
+    entities = _new_people(names, rng)
     others = [f for f in facts if f.subject not in entities]
-    held_out = set()
+    held_out: set[Fact] = set()
     for rel in ("river", "land", "food", "job", "home"):
         of_rel = [f for f in others if f.relation == rel]
-        held_out.update(rng.sample(of_rel, round(HELD_OUT * len(of_rel))))
+        wanted = round(HELD_OUT * len(of_rel))
+        for f in rng.sample(of_rel, len(of_rel)):  # each subject keeps a fact that may be asked
+            if sum(h.relation == rel for h in held_out) < wanted and sum(
+                    g.subject == f.subject and g not in held_out for g in others) > 1:
+                held_out.add(f)
     return World(towns, people, facts, held_out, entities)
+
+
+def _new_people(names: list[str], rng: random.Random) -> set[str]:
+    """HELD_OUT_PEOPLE people whose first and last names each also belong to someone who is asked about: new
+    people with familiar names, as in Physics of Language Models 3.1 (where every name comes from the same lists)."""
+    chosen: set[str] = set()
+    for person in rng.sample(names, len(names)):
+        trial = chosen | {person}
+        asked = [n.split() for n in names if n not in trial]
+        if all(any(a[0] == p.split()[0] for a in asked) and any(a[1] == p.split()[1] for a in asked) for p in trial):
+            chosen = trial
+        if len(chosen) == HELD_OUT_PEOPLE:
+            break
+    return chosen
 
 # %% ../notebooks/07a_corpus.ipynb #templates
 STATEMENTS = {
