@@ -1,6 +1,6 @@
 """Time to knowledge: how much pretraining and fine-tuning the tiny world needs before the model knows it.
 
-`python -m bench.knowledge [--seed 0] [--steps 900] [--sft_steps 120] [--seq 128] [--batch 16] [--lr 3e-3]
+`python -m bench.knowledge [--seed 0] [--steps 900] [--sft_steps 120] [--seq 128] [--batch 16] [--lr 4e-3]
 [--sft_seq 64] [--out bench/results/knowledge.jsonl]` runs the course's CPU recipe (chapter 08's pretraining, then
 chapter 09's full SFT) with the given knobs and appends one row: wall seconds, training tokens, the fact probe after
 pretraining, strict accuracy on the held-out facts and entities after SFT, and the share of consistent sampled
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sft_steps", type=int, default=120)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--sft_seq", type=int, default=64)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--table", action="store_true", help="print the collected rows and exit")

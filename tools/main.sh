@@ -17,7 +17,7 @@ python -m zer02llm.corpus --out "$WORK/dataset"
 
 echo "== 2/4 pretraining (900 steps of 16 x 128 tokens: two passes over the corpus, long enough to store its facts)"
 python zer02llm/train.py --mode pretrain --data_path "$WORK/dataset/pretrain_hq.jsonl" "${SIZE[@]}" "${RUN[@]}" \
-    --max_seq_len 128 --learning_rate 3e-3 --warmup_iters 20 --epochs 2 --max_steps 900
+    --max_seq_len 128 --learning_rate 4e-3 --warmup_iters 20 --epochs 2 --max_steps 900
 
 # The validation lines score the held-out questions found beside the data: eval_facts and eval_entities.
 echo "== 3/4 supervised fine-tuning from $WORK/pretrain_128.pth (120 steps of 16 conversations)"
@@ -27,7 +27,7 @@ python zer02llm/train.py --mode sft --data_path "$WORK/dataset/sft_data.jsonl" "
 echo "== 4/4 chat (streamed token by token)"
 # A held-out fact (eval_facts.jsonl) and a held-out person (eval_entities.jsonl): no question-and-answer text of
 # the corpus asks about either, so the answers come from what pretraining read.
-for question in "What is Pellam famous for?" "Where does Rowena Dale live?" "Tell me a short story."; do
+for question in "What is Elmsworth famous for?" "Where does Edric Frost live?" "Tell me a short story."; do
     echo "user: $question"
     printf "assistant: "
     python -m zer02llm.chat --checkpoint "$WORK/sft_128.pth" --prompt "$question" \

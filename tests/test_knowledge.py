@@ -1,0 +1,18 @@
+"""The course's payoff holds beyond the world the chapters show (seed 0): another world seed, at a small budget,
+through bench/knowledge.py's recipe (chapter 08's pretraining, chapter 09's SFT). About a minute on 2 CPU cores."""
+import json
+
+from bench.knowledge import run, table
+
+# Measured for this budget (bench/results/knowledge.jsonl): probe 86 %, held-out facts 64 %, held-out people 97 %;
+# chance is 10 % and 6 %. The floors leave room for other CPUs' arithmetic, not for a pipeline that learns nothing.
+PROBE, FACTS, ENTITIES = 0.75, 0.45, 0.6
+
+
+def test_another_world_is_learned_and_its_held_out_questions_answered(tmp_path):
+    row = run(seed=1, steps=450, sft_steps=60, seq=128, batch=16, lr=4e-3, sft_seq=64)  # one pass over the corpus
+    assert row["probe"] >= PROBE, row
+    assert row["held_out_facts"] >= FACTS and row["held_out_entities"] >= ENTITIES, row
+    results = tmp_path / "rows.jsonl"
+    results.write_text(json.dumps(row) + "\n")
+    assert "| 1 | 450 × 16 × 128 |" in table(results)
