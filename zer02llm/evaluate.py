@@ -75,8 +75,8 @@ def probe_items(world: World) -> list[ProbeItem]:
             for f in world.facts for t in STATEMENTS[f.relation] if t.index("{s}") < t.index("{a}")]
 
 
-def by_relation(relations: list[str], hits: list[bool]) -> dict[str, float]:
-    """Accuracy per relation and over all ("all"), from parallel lists."""
+def by_relation(relations: list[str], hits: list[float]) -> dict[str, float]:
+    """Mean of `hits` (bools, or probabilities) per relation and over all ("all"), from parallel lists."""
     out = {rel: sum(h for r, h in zip(relations, hits) if r == rel) / relations.count(rel)
            for rel in dict.fromkeys(relations)}
     return {**out, "all": sum(hits) / len(hits)}
@@ -141,11 +141,9 @@ def baselines(world: World, records: list[dict]) -> dict[str, dict[str, float]]:
     taught = Counter((f.relation, f.answer) for f in world.asked())
     majority = {rel: max(cands, key=lambda a: (taught[rel, a], -cands.index(a))) for rel, cands in CANDIDATES.items()}
     relations = [r["relation"] for r in records]
-    chance = [1 / len(CANDIDATES[r["relation"]]) for r in records]
+    chance = [1 / len(CANDIDATES[r["relation"]]) for r in records]  # each question's probability of a right guess
     guess = [float(majority[r["relation"]] == r["answer"]) for r in records]
-    mean = lambda xs: {**{rel: sum(x for x, r in zip(xs, relations) if r == rel) / relations.count(rel)  # noqa: E731
-                          for rel in dict.fromkeys(relations)}, "all": sum(xs) / len(xs)}
-    return {"chance": mean(chance), "majority": mean(guess)}
+    return {"chance": by_relation(relations, chance), "majority": by_relation(relations, guess)}
 
 # %% ../notebooks/07d_evaluate.ipynb #check
 def _template_regex(template: str) -> re.Pattern:
