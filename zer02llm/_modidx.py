@@ -300,5 +300,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'zer02llm.utils': { 'zer02llm.utils._umask': ('setup.html#_umask', 'zer02llm/utils.py'),
                                 'zer02llm.utils.atomic_open': ('setup.html#atomic_open', 'zer02llm/utils.py'),
                                 'zer02llm.utils.atomic_save': ('setup.html#atomic_save', 'zer02llm/utils.py'),
+                                'zer02llm.utils.available_devices': ('setup.html#available_devices', 'zer02llm/utils.py'),
                                 'zer02llm.utils.get_device': ('setup.html#get_device', 'zer02llm/utils.py'),
+                                'zer02llm.utils.resolve_device': ('setup.html#resolve_device', 'zer02llm/utils.py'),
                                 'zer02llm.utils.seed_everything': ('setup.html#seed_everything', 'zer02llm/utils.py')}}}
