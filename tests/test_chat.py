@@ -1,6 +1,7 @@
 """The chat command (zer02llm.chat): prompt building with history, streaming equal to plain generation, the
 non-interactive modes, and clear errors. A tiny untrained model is enough: the mechanics are what is tested."""
 import io
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import zer02llm.chat as chat
 from zer02llm.config import LLMconfig
 from zer02llm.model import LLM
 from zer02llm.tokenizer import load_tokenizer
-from zer02llm.utils import seed_everything
+from zer02llm.utils import available_devices, seed_everything
 
 TOK = load_tokenizer()
 
@@ -106,3 +107,57 @@ def test_command_line_prompt_and_pipe(ckpt):
     piped = run("--temperature", "0", input="Who are you?\nWhat is 1 plus 1?\n")
     assert piped.returncode == 0, piped.stderr
     assert piped.stdout.startswith(once.stdout) and len(piped.stdout) > len(once.stdout)  # then the second answer
+
+
+def _chat(ckpt, *args, **kw) -> subprocess.CompletedProcess:
+    """python -m zer02llm.chat in a real process (bytes in and out: some tests send bytes that are not UTF-8)."""
+    kw = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kw}
+    return subprocess.run([sys.executable, "-m", "zer02llm.chat", "--checkpoint", str(ckpt), "--max_new_tokens", "6",
+                           "--temperature", "0", *args], timeout=120, **kw)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    err = proc.stderr.decode("utf-8", "replace")
+    lines = err.splitlines()
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "tpu"], "unknown device 'tpu': this machine has cpu"),
+    (["--device", "cuda"], "device 'cuda' is not available here: this machine has cpu"),
+    (["--prompt", ""], "--prompt is empty"),
+    (["--prompt", " \t "], "--prompt is empty"),
+])
+def test_bad_arguments_are_one_error_line_before_loading(tmp_path, args, message):
+    if "cuda" in args and "cuda" in available_devices():
+        pytest.skip("this machine has CUDA")
+    proc = _chat(tmp_path / "missing.pth", "--prompt", "hi", *args)  # the checkpoint would be the next complaint
+    assert message in _one_error_line(proc)
+
+
+def test_text_that_is_not_utf8_is_answered_with_replacement_characters(ckpt):
+    answers = []
+    for prompt in ("caf\udce9", "caf\ufffd"):  # b"caf\xe9" as Python's argv holds it; what it should become
+        out = io.StringIO()
+        assert chat.main(["--checkpoint", str(ckpt), "--max_new_tokens", "6", "--temperature", "0", "--device", "cpu",
+                          "--prompt", prompt], stdout=out) == 0
+        answers.append(out.getvalue())
+    assert answers[0] == answers[1]
+    runs = [_chat(ckpt, "--device", "cpu", "--prompt", b"caf\xe9"),
+            _chat(ckpt, "--device", "cpu", input=b"caf\xe9\n"),  # stdin decoded with surrogateescape (UTF-8 mode)
+            _chat(ckpt, "--device", "cpu", input=b"caf\xe9\n", env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})]
+    for run in runs:
+        assert run.returncode == 0 and run.stderr == b"", run.stderr.decode("utf-8", "replace")
+        assert run.stdout == runs[0].stdout and run.stdout.endswith(b"\n")
+
+
+def test_closed_pipe_ends_quietly_with_the_sigpipe_status(ckpt):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first word: like `| head -c 0`
+    try:
+        proc = _chat(ckpt, "--device", "cpu", "--prompt", "Tell me a story.", stdout=write_end, stderr=subprocess.PIPE)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and proc.stderr == b"", proc.stderr.decode("utf-8", "replace")

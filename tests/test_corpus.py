@@ -161,6 +161,13 @@ def test_bad_input_messages(tmp_path, content, check, fragment):
     assert str(p.parent) in str(info.value), "the message must name the file"
 
 
+def test_bad_line_error_says_how_to_skip_from_python_and_the_command_line(tmp_path):
+    with pytest.raises(JsonlError) as info:
+        list(iter_jsonl(_write(tmp_path, b'{"text": "ok"}\nnot json\n'), check_text))
+    message = str(info.value)
+    assert "skip_bad_lines=True" in message and "--skip_bad_lines on the train.py command line" in message
+
+
 def test_skip_bad_lines_counts(tmp_path):
     p = _write(tmp_path, b'{"text": "a"}\nnot json\n{"text": 1}\n{"text": "b"}\n\xff\n')
     skipped = []
@@ -191,9 +198,19 @@ def test_nothing_half_written(tmp_path):
     assert oct(target.stat().st_mode & 0o777) != oct(0o600), "written files should not be private temp files"
 
 
-def test_size_must_be_positive(tmp_path):
-    with pytest.raises(ValueError, match="size_mb must be positive"):
-        write_builtin_dataset(tmp_path, size_mb=0)
+@pytest.mark.parametrize("size_mb", [0, -1, float("nan"), float("inf")])
+def test_size_must_be_positive(tmp_path, size_mb):
+    with pytest.raises(ValueError, match="size_mb must be positive and finite"):
+        write_builtin_dataset(tmp_path / "ds", size_mb=size_mb)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_out_must_not_be_a_file(tmp_path):
+    (tmp_path / "taken").write_text("mine\n")
+    for out in (tmp_path / "taken", tmp_path / "taken" / "ds"):
+        with pytest.raises(NotADirectoryError, match="taken is a file, not a folder"):
+            write_builtin_dataset(out, size_mb=0.01)
+    assert (tmp_path / "taken").read_text() == "mine\n"
 
 
 # ---- command line and downloads (no network) ---------------------------------------------------------------------
@@ -202,6 +219,40 @@ def test_cli_build(tmp_path, capsys):
     result = corpus.main(["--out", str(tmp_path), "--size_mb", "0.05", "--seed", "3"])
     assert set(result) == set(FILES) and all(p.exists() for p in result.values())
     assert "pretrain" in capsys.readouterr().out
+
+
+def _one_error_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--size_mb", "0"], "size_mb must be positive and finite"),
+    (["--size_mb", "-1"], "got -1.0"),
+    (["--size_mb", "nan"], "got nan"),
+    (["--size_mb", "inf"], "got inf"),
+    (["--out", "taken"], "taken is a file, not a folder"),
+    (["download", "--source", "minimind", "--size_mb", "nan"], "got nan"),
+    (["download", "--source", "tinystories", "--out", "taken"], "taken is a file"),
+    (["download"], "download needs --source"),
+])
+def test_cli_bad_input_is_one_error_line_before_any_work(tmp_path, monkeypatch, capsys, fake_hub, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("mine\n")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as info:
+        corpus.main(["--out", "ds", *args])
+    assert info.value.code == 1 and message in _one_error_line(capsys.readouterr().err)
+    assert sorted(tmp_path.rglob("*")) == before and fake_hub == [], "nothing written, nothing downloaded"
+
+
+def test_cli_bad_input_in_a_real_process(tmp_path):
+    (tmp_path / "taken").write_text("mine\n")
+    proc = subprocess.run([sys.executable, "-m", "zer02llm.corpus", "--out", "taken"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1 and "taken is a file" in _one_error_line(proc.stderr)
 
 
 def test_module_runs_without_warnings(tmp_path):

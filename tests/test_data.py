@@ -3,6 +3,7 @@ masks on hand-built conversations, the offset index, loaders with workers and Di
 import json
 import os
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -31,6 +32,34 @@ def write_lines(path, records):
 
 def files_in(folder):
     return sorted(p.name for p in folder.iterdir())
+
+
+def cut(path, n=3):
+    path.write_bytes(path.read_bytes()[:-n])
+
+
+def set_meta(meta_path, key, value):
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta_path.write_text(json.dumps(dict(meta, **{key: value(meta[key]) if callable(value) else value})),
+                         encoding="utf-8")
+
+
+def rebuilt_with_one_notice(build, cache, bad):
+    """Load from the damaged `cache`: exactly one RuntimeWarning, naming the bad file and saying it is rebuilt; then
+    the cache holds byte for byte what a fresh build writes, and is trusted from then on (no more notices)."""
+    with pytest.warns(RuntimeWarning) as caught:
+        ds = build(cache)
+    notices = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(notices) == 1 and bad.name in notices[0] and "rebuilding" in notices[0], notices
+    fresh = cache.parent / "fresh"
+    fresh_ds = build(fresh)
+    assert files_in(cache) == files_in(fresh)  # nothing left over, no .tmp
+    for name in files_in(cache):
+        assert (cache / name).read_bytes() == (fresh / name).read_bytes(), name
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build(cache)
+    return ds, fresh_ds
 
 
 # ---- pretraining ------------------------------------------------------------------------------------------------
@@ -135,6 +164,34 @@ def test_pretrain_too_little_data_and_bad_lengths(tmp_path, tok):
         PretrainDataset(path, tok, max_seq_len=64)
     with pytest.raises(ValueError, match="max_seq_len must be at least 2"):
         PretrainDataset(path, tok, max_seq_len=1)
+
+
+PRETRAIN_DAMAGE = {  # name: (what to do to the (.bin, .json) pair, which of the two the notice must name)
+    "bin-truncated": (lambda b, j: cut(b), "bin"),
+    "json-garbage": (lambda b, j: j.write_bytes(b"\xff\x00 {not json"), "json"),
+    "bin-deleted-json-kept": (lambda b, j: b.unlink(), "bin"),
+    "json-n_tokens-disagrees": (lambda b, j: set_meta(j, "n_tokens", lambda n: n + 1), "json"),
+    "json-n_tokens-not-a-count": (lambda b, j: set_meta(j, "n_tokens", "1234"), "json"),
+    "json-key-missing": (lambda b, j: j.write_text('{"source": "p.jsonl"}', encoding="utf-8"), "json"),
+    "json-not-an-object": (lambda b, j: j.write_text("[1, 2]", encoding="utf-8"), "json"),
+}
+
+
+@pytest.mark.parametrize("damage, bad", PRETRAIN_DAMAGE.values(), ids=PRETRAIN_DAMAGE.keys())
+def test_pretrain_damaged_cache_is_rebuilt(tmp_path, tok, damage, bad):
+    """Defect: a truncated or corrupt token cache was trusted, and failed as a reshape error mid-training."""
+    path = write_lines(tmp_path / "p.jsonl", [{"text": f"document number {i}"} for i in range(40)] + [{"text": 7}])
+
+    def build(cache):
+        return PretrainDataset(path, tok, max_seq_len=8, cache_dir=cache, skip_bad_lines=True)
+
+    first = build(tmp_path / "cache")
+    files = {"bin": first.tokens_path, "json": first.tokens_path.with_suffix(".json")}
+    damage(files["bin"], files["json"])
+    ds, fresh = rebuilt_with_one_notice(build, tmp_path / "cache", files[bad])
+    assert (ds.n_docs, ds.n_tokens, ds.skipped, len(ds)) == (fresh.n_docs, fresh.n_tokens, fresh.skipped, len(fresh))
+    assert ds.skipped == 1 and np.array_equal(ds.tokens, fresh.tokens)
+    assert all(torch.equal(ds[i][0], fresh[i][0]) for i in range(len(ds)))
 
 
 # ---- SFT --------------------------------------------------------------------------------------------------------
@@ -257,6 +314,41 @@ def test_sft_collate_pads_each_batch_to_its_longest_example(built, tok):
         assert torch.equal(x[row, :n], a) and torch.equal(y[row, :n], b) and mask[row, :n].all()
         assert (x[row, n:] == tok.pad_id).all() and (y[row, n:] == IGNORE_INDEX).all() and not mask[row, n:].any()
     assert int(mask.sum()) == sum(len(a) for a, _ in items)
+
+
+def _widen_last_span(npy, j):
+    index = np.load(npy)
+    index[-1, 1] += 10**6
+    np.save(npy, index)
+
+
+SFT_DAMAGE = {  # name: (what to do to the (.npy, .json) pair, which of the two the notice must name)
+    "npy-truncated": (lambda n, j: cut(n), "npy"),
+    "npy-garbage": (lambda n, j: n.write_bytes(b"\x93NUMPY garbage"), "npy"),
+    "npy-span-outside-the-file": (_widen_last_span, "npy"),
+    "json-garbage": (lambda n, j: j.write_bytes(b"\xff\x00 {not json"), "json"),
+    "npy-deleted-json-kept": (lambda n, j: n.unlink(), "npy"),
+    "json-n_conversations-disagrees": (lambda n, j: set_meta(j, "n_conversations", lambda k: k - 1), "json"),
+    "json-skipped-not-a-count": (lambda n, j: set_meta(j, "skipped", True), "json"),
+}
+
+
+@pytest.mark.parametrize("damage, bad", SFT_DAMAGE.values(), ids=SFT_DAMAGE.keys())
+def test_sft_damaged_index_is_rebuilt(tmp_path, tok, damage, bad):
+    """Defect: a truncated or corrupt offset index was trusted, and failed at some random step of training."""
+    conv = {"conversations": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    path = write_lines(tmp_path / "s.jsonl", [conv, {"conversations": []}, conv, conv])
+
+    def build(cache):
+        return SFTDataset(path, tok, 16, cache_dir=cache, skip_bad_lines=True)
+
+    build(tmp_path / "cache")
+    (npy,) = (tmp_path / "cache").glob("*.npy")
+    files = {"npy": npy, "json": npy.with_suffix(".json")}
+    damage(files["npy"], files["json"])
+    ds, fresh = rebuilt_with_one_notice(build, tmp_path / "cache", files[bad])
+    assert np.array_equal(ds.index, fresh.index) and (len(ds), ds.skipped) == (3, 1)
+    assert [ds.conversation(i) for i in range(len(ds))] == [conv["conversations"]] * 3
 
 
 # ---- the loader ---------------------------------------------------------------------------------------------------

@@ -183,6 +183,21 @@ def test_eos_stops_each_sequence_and_fills():
     assert single.shape[1] == 6 + first + 1  # stops as soon as every sequence has finished
 
 
+def test_eos_token_id_may_be_an_integer_tensor():
+    """An id read out of a tensor (`out[0, -1]`) is a 0-d tensor: it stops generation like the int it holds, in the
+    readable loop and in chapter 11's fast one (which shares its argument checks)."""
+    from zer02llm import fast
+
+    m = tiny()
+    x = ids(1, 6)
+    eos = m.generate(x, max_new_tokens=20, temperature=0)[0, 8]  # a 0-d tensor
+    want = m.generate(x, max_new_tokens=20, temperature=0, eos_token_id=int(eos))
+    for tensor_eos in (eos, eos[None], torch.tensor([int(eos), 96])):
+        assert torch.equal(m.generate(x, max_new_tokens=20, temperature=0, eos_token_id=tensor_eos), want)
+        streamed = list(fast.stream_generate(m, x, 20, temperature=0, eos_token_id=tensor_eos))
+        assert torch.equal(torch.cat(streamed), want[0, 6:])
+
+
 def test_stream_generate_yields_the_same_tokens():
     m = tiny()
     x = ids(2, 5)
@@ -220,6 +235,10 @@ def test_generate_in_bfloat16():
         (lambda m: m.generate(ids(1, 4), 5, temperature=-1), ValueError, "temperature"),
         (lambda m: m.generate(ids(1, 4), 5, top_p=0), ValueError, "top_p"),
         (lambda m: m.generate(ids(1, 4), 5, eos_token_id=500), ValueError, "eos_token_id"),
+        (lambda m: m.generate(ids(1, 4), 5, eos_token_id=2.0), ValueError, "eos_token_id must be an int"),
+        (lambda m: m.generate(ids(1, 4), 5, eos_token_id=True), ValueError, "eos_token_id must be an int"),
+        (lambda m: m.generate(ids(1, 4), 5, eos_token_id=torch.tensor(2.0)), ValueError, "eos_token_id must be an int"),
+        (lambda m: m.generate(ids(1, 4), 5, eos_token_id=[]), ValueError, "eos_token_id must be an int"),
     ],
 )
 def test_generate_errors_are_raised_at_the_call(call, error, message):

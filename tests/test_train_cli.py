@@ -272,3 +272,194 @@ def test_compile_flag_goes_through_compile_model(corpus, tmp_path, monkeypatch):
     code = main(["--mode", "pretrain", "--data_path", str(corpus["pretrain"]), *TINY, "--max_steps", "2", "--compile"])
     assert code == 0 and calls == [{"decode": False}]
     assert LLM.from_checkpoint(tmp_path / "out" / "pretrain_32.pth").config.dim == 32
+
+
+# ---- every failure ends in one line and loses nothing -------------------------------------------------------
+def one_error_line(proc) -> str:
+    """The message of a run that failed the promised way: exit 1, one `error:` line on stderr, no traceback."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (proc.returncode, proc.stderr)
+    return lines[0].removeprefix("error: ")
+
+
+@pytest.mark.parametrize("flag,value", [("--learning_rate", "0"), ("--learning_rate", "nan"), ("--learning_rate", "inf"),
+                                        ("--grad_clip", "nan"), ("--grad_clip", "-1"), ("--weight_decay", "inf")])
+def test_numbers_are_checked_before_any_work(corpus, tmp_path, capsys, flag, value):
+    out = tmp_path / "out"
+    message = error_of(["--data_path", corpus["pretrain"], *TINY, "--out_dir", out, flag, value], capsys)
+    assert message.startswith(flag.removeprefix("--")) and value in message, message
+    assert not out.exists(), "refused before anything was written"
+
+
+def test_out_dir_must_be_a_writable_folder(corpus, tmp_path, capsys):
+    a_file = tmp_path / "out"
+    a_file.write_text("not a folder")
+    assert error_of(["--data_path", corpus["pretrain"], *TINY, "--out_dir", a_file], capsys) == (
+        f"--out_dir {a_file} is a file, not a folder: pass a folder for the checkpoints\n")
+    message = error_of(["--data_path", corpus["pretrain"], *TINY, "--out_dir", "/dev/null/out"], capsys)
+    assert message.startswith("--out_dir /dev/null/out: cannot write checkpoints there (Not a directory)"), message
+    assert "step " not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda", "cuda:7"])
+def test_devices_are_checked_up_front(corpus, tmp_path, device):
+    if device != "tpu" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that GPU")
+    argv = [a for a in TINY if a not in ("--device", "cpu")]
+    proc = cli(SCRIPT, "--data_path", corpus["pretrain"], *argv, "--device", device, "--out_dir", tmp_path, cwd=tmp_path,
+               check=False)
+    assert f"device {device!r}" in one_error_line(proc) and "this machine has cpu" in proc.stderr
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.fail("unreachable: a CUDA machine has cuda")
+
+
+def _limit_file_size():
+    """preexec_fn: files may not grow past 100 kB (a full disk as far as a writer can tell: the write fails with
+    EFBIG instead of ENOSPC); the signal that would kill the process is ignored, so the write returns an error."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_checkpoint(corpus, tmp_path):
+    args = [SCRIPT, "--data_path", corpus["pretrain"], *TINY, "--save_interval", "2"]
+    cli(*args, "--max_steps", "2", cwd=tmp_path)  # the previous run's checkpoint (and the token cache)
+    before = (tmp_path / "out" / "pretrain_32.pth").read_bytes()
+    proc = subprocess.run([sys.executable, *map(str, args), "--max_steps", "4"], cwd=tmp_path, env=ENV, text=True,
+                          capture_output=True, timeout=300, preexec_fn=_limit_file_size)
+    assert one_error_line(proc) == ("cannot write out/pretrain_32.pth: the file is larger than this system allows (File "
+                                    "too large); the file that was there before, if any, is intact")
+    assert (tmp_path / "out" / "pretrain_32.pth").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["pretrain_32.pth", "pretrain_32_resume.pth"]
+
+
+def test_stale_temporary_files_of_this_run_are_removed(corpus, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [out / ".pretrain_32.pth.k3j9a_x1.tmp", out / ".pretrain_32_resume.pth.0q2w.tmp"]
+    for path in stale + [out / ".sft_32.pth.k3j9a_x1.tmp"]:
+        path.write_bytes(b"\0" * 1000)  # what kill -9 during a save leaves
+    cli(SCRIPT, "--data_path", corpus["pretrain"], *TINY, "--max_steps", "1", cwd=tmp_path)
+    assert sorted(p.name for p in out.iterdir()) == [".sft_32.pth.k3j9a_x1.tmp", "pretrain_32.pth",
+                                                     "pretrain_32_resume.pth"]  # another run's names are left alone
+
+
+def test_resume_refuses_another_run(corpus, tmp_path, capsys):
+    args = ["--data_path", corpus["pretrain"], *TINY, "--out_dir", tmp_path, "--save_interval", "2"]
+    assert main([str(a) for a in args + ["--max_steps", "4"]]) == 0
+    message = error_of(args + ["--max_steps", "6", "--seed", "7", "--batch_size", "2", "--resume"], capsys)
+    assert message.startswith("the resume state belongs to another run (seed 42 then, 7 now; batch_size 4 then, 2 now; "
+                              "max_steps 4 then, 6 now): "), message
+    grown = tmp_path / corpus["pretrain"].name
+    grown.write_bytes(corpus["pretrain"].read_bytes() + b'{"text": "One more line."}\n')
+    message = error_of(["--data_path", grown, *args[2:], "--max_steps", "4", "--resume"], capsys)
+    size = corpus["pretrain"].stat().st_size
+    assert f"(data pretrain_hq.jsonl ({size:,} bytes) then, pretrain_hq.jsonl ({size + 27:,} bytes) now)" in message
+    resume = tmp_path / "pretrain_32_resume.pth"
+    (tmp_path / "pretrain_32.pth").replace(resume)  # a model checkpoint where the resume state belongs
+    message = error_of(args + ["--max_steps", "4", "--resume"], capsys)
+    assert message.startswith(f"{resume} is not a resume state (it lacks batch_in_epoch, epoch"), message
+
+
+def test_bad_lines_name_file_and_line_and_can_be_skipped(corpus, tmp_path, capsys):
+    data = tmp_path / "mixed.jsonl"
+    lines = corpus["pretrain"].read_text().splitlines(keepends=True)
+    data.write_text("".join(lines[:2]) + '{"txt": "wrong key"}\n' + "".join(lines[2:]))
+    args = ["--data_path", data, *TINY, "--out_dir", tmp_path / "out", "--max_steps", "1"]
+    message = error_of(args, capsys)
+    assert message.startswith(f"{data}:3:") and "--skip_bad_lines" in message, message
+    assert main([str(a) for a in args + ["--skip_bad_lines"]]) == 0
+    assert f"--skip_bad_lines: skipped 1 malformed line(s) of {data}" in capsys.readouterr().out
+
+
+def test_lora_with_dropout_resumes_exactly_whatever_the_save_interval(corpus, pretrained, tmp_path):
+    """Saving merges the adapters into a copy; building that copy must draw no random number (dropout's)."""
+    args = [SCRIPT, "--mode", "sft", "--init_from", pretrained, "--data_path", corpus["sft"], *TINY, "--dropout", "0.1",
+            "--lora_rank", "4", "--max_steps", "16", "--eval_files", "none"]
+    runs = {}
+    for name, interval in (("never", "0"), ("every5", "5")):
+        (tmp_path / name).mkdir()
+        runs[name] = log_lines(cli(*args, "--save_interval", interval, cwd=tmp_path / name).stdout)
+    assert len(runs["never"]) > 16 and runs["never"] == runs["every5"]
+    (tmp_path / "killed").mkdir()
+    victim = subprocess.Popen([sys.executable, *map(str, args), "--save_interval", "5"], cwd=tmp_path / "killed",
+                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in victim.stdout:
+        if re.match(r"step\s+7/16 \| epoch", line):  # the save after step 5 is on disk
+            victim.send_signal(signal.SIGKILL)
+            break
+    victim.wait(timeout=60)
+    resumed = cli(*args, "--save_interval", "5", "--resume", cwd=tmp_path / "killed")
+    assert "resumed from out/sft_32_resume.pth at step 5" in resumed.stdout
+    step_of = lambda line: int(re.match(r"step\s+(\d+)", line).group(1))
+    assert [line for line in log_lines(resumed.stdout) if step_of(line) > 5] == [
+        line for line in runs["every5"] if step_of(line) > 5]
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), None)
+
+
+def _torchrun(args, cwd, kill_rank_1_after=None):
+    """torchrun --standalone --max-restarts 1 with 2 gloo workers; optionally kill -9 rank 1 once rank 0 has logged
+    step `kill_rank_1_after` (found among torchrun's children by the RANK in their environment)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node=2", "--max-restarts=1", str(SCRIPT),
+                             "--ddp", *map(str, args)], cwd=cwd, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines, killed = [], False
+    for line in proc.stdout:
+        lines.append(line)
+        if kill_rank_1_after and not killed and re.match(rf"step\s+{kill_rank_1_after}/", line):
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            victim = next(int(pid) for pid in children if _rank_of(int(pid)) == 1)
+            os.kill(victim, signal.SIGKILL)
+            killed = True
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, stderr[-3000:]
+    assert killed or not kill_rank_1_after, "the run finished before a worker could be killed"
+    return "".join(lines)
+
+
+def test_torchrun_restarts_resume_by_themselves(corpus, tmp_path):
+    """kill -9 one of two workers: torchrun restarts both, they resume from the last save, and the final weights
+    equal those of a run that was never interrupted."""
+    args = ["--data_path", corpus["pretrain"], *TINY, "--max_steps", "24", "--save_interval", "4", "--dropout", "0.1"]
+    for name in ("straight", "killed"):
+        (tmp_path / name).mkdir()
+    _torchrun(args, tmp_path / "straight")
+    restarted = _torchrun(args, tmp_path / "killed", kill_rank_1_after=10)
+    resumed_at = int(re.search(r"torchrun restart 1: resumed from out/pretrain_32_resume.pth at step (\d+)",
+                               restarted).group(1))
+    assert 8 <= resumed_at < 24 and resumed_at % 4 == 0
+    final = lambda name: torch.load(tmp_path / name / "out" / "pretrain_32.pth", weights_only=True)["model"]
+    straight, killed = final("straight"), final("killed")
+    assert all(torch.equal(straight[k], killed[k]) for k in straight)
+
+
+JOIN_ALONE = """
+import os, sys
+from datetime import timedelta
+import zer02llm.train as train
+train.JOIN_TIMEOUT = timedelta(seconds=3)
+os.environ.update(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+try:
+    train.init_distributed("cpu")
+except ConnectionError as e:
+    print(e)
+"""
+
+
+def test_a_process_that_cannot_join_stops_with_a_message(tmp_path):
+    """Rank 1 of 2, and nobody at MASTER_ADDR:MASTER_PORT: it must give up with a message, not wait forever."""
+    port = free_port()
+    proc = subprocess.run([sys.executable, "-c", JOIN_ALONE, str(port)], cwd=tmp_path, env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout.startswith(f"rank 1 could not join the 2 processes at 127.0.0.1:{port} within 3 s ("), (
+        proc.stdout, proc.stderr[-2000:])
+    assert proc.stdout.rstrip().endswith("did every process start, and is the port open between the machines?")

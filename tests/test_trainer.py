@@ -118,6 +118,10 @@ def test_train_config_validation():
         TrainConfig(learning_rate=0)
     with pytest.raises(ValueError, match="max_steps"):
         TrainConfig(max_steps=0)
+    for name in ("learning_rate", "grad_clip", "weight_decay"):
+        for bad in (math.nan, math.inf):
+            with pytest.raises(ValueError, match=name):
+                TrainConfig(**{name: bad})
 
 
 # ---- the loop -----------------------------------------------------------------------------------------------
@@ -216,12 +220,59 @@ def test_resume_refuses_a_different_setup(tmp_path):
     with pytest.raises(ValueError, match="different model"):
         other.resume()
     other = Trainer(tiny_model(dropout=0.1), RandomBlocks(40), TrainConfig(batch_size=8), ckpt_path=tmp_path / "m.pth")
-    with pytest.raises(ValueError, match="batch_size=4"):
+    with pytest.raises(ValueError, match="batch_size 4 then, 8 now; accumulation_steps 2 then, 1 now; epochs 2 then"):
+        other.resume()
+    changed = TrainConfig(batch_size=4, epochs=2, accumulation_steps=2, seed=7, max_steps=6)
+    other = Trainer(tiny_model(dropout=0.1), RandomBlocks(48), changed, ckpt_path=tmp_path / "m.pth")
+    with pytest.raises(ValueError) as refused:
+        other.resume()
+    assert str(refused.value).startswith("the resume state belongs to another run (seed 42 then, 7 now; max_steps None "
+                                         "then, 6 now; training examples 40 then, 48 now)"), refused.value
+    LLM(tiny_model().config).save_checkpoint(tmp_path / "m_resume.pth")  # a model checkpoint copied over it
+    with pytest.raises(ValueError, match="is not a resume state .it lacks batch_in_epoch, epoch, history"):
         other.resume()
     (tmp_path / "m_resume.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read the resume state"):
         other.resume()
     assert Trainer(tiny_model(), RandomBlocks(40), TrainConfig(batch_size=4), ckpt_path=tmp_path / "new.pth").resume() is False
+
+
+def test_resume_refuses_other_data(tmp_path):
+    """Same number of examples, another file: the data id (train.py: the file's name and size) tells them apart."""
+    cfg = TrainConfig(batch_size=4, max_steps=2)
+    Trainer(tiny_model(), RandomBlocks(40), cfg, ckpt_path=tmp_path / "m.pth", data_id="a.jsonl (100 bytes)").fit()
+    other = Trainer(tiny_model(), RandomBlocks(40), cfg, ckpt_path=tmp_path / "m.pth", data_id="b.jsonl (100 bytes)")
+    with pytest.raises(ValueError, match=r"\(data a.jsonl \(100 bytes\) then, b.jsonl \(100 bytes\) now\)"):
+        other.resume()
+    same = Trainer(tiny_model(), RandomBlocks(40), cfg, ckpt_path=tmp_path / "m.pth", data_id="a.jsonl (100 bytes)")
+    assert same.resume() and same.step == 2
+
+
+def test_saving_moves_no_random_generator(tmp_path):
+    """A save_model that draws random numbers (as building a layer does) must not change the run: the losses with a
+    save every step equal those with a save at the end only."""
+    def drawing_save(model, path):
+        torch.nn.Linear(8, 8)  # initialising draws from the global generator
+        model.save_checkpoint(path)
+
+    def losses(save_interval):
+        cfg = TrainConfig(batch_size=4, max_steps=6, log_interval=1, save_interval=save_interval)
+        trainer = Trainer(tiny_model(dropout=0.1), RandomBlocks(40), cfg, ckpt_path=tmp_path / f"{save_interval}.pth",
+                          save_model=drawing_save)
+        return [r["lm_loss"] for r in trainer.fit()]
+
+    assert losses(1) == losses(0)
+
+
+def test_stale_temporary_files_are_removed(tmp_path):
+    """kill -9 during a save leaves `.m.pth.<random>.tmp` behind; the next run of the same names deletes them."""
+    stale = [tmp_path / ".m.pth.abc123.tmp", tmp_path / ".m_resume.pth.x_9.tmp"]
+    others = [tmp_path / ".other.pth.abc123.tmp", tmp_path / "m.pth.tmp"]
+    for path in stale + others:
+        path.write_bytes(b"half a checkpoint")
+    Trainer(tiny_model(), RandomBlocks(40), TrainConfig(batch_size=4, max_steps=1), ckpt_path=tmp_path / "m.pth").fit()
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in others)
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["m.pth", "m_resume.pth"]
 
 
 class NaNAfter(torch.nn.Module):

@@ -16,9 +16,11 @@ __all__ = ['TOWNS', 'RIVERS', 'LANDS', 'FOODS', 'FIRST_NAMES', 'LAST_NAMES', 'JO
 # %% ../notebooks/07a_corpus.ipynb #imports
 import argparse
 import json
+import math
 import os
 import random
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
@@ -382,10 +384,27 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
     return Path(path)
 
 
+def _check_size_mb(size_mb: float) -> None:
+    """Refuse a size that is not a positive, finite number of MB before any work: `nan` passes a `<= 0` test and
+    `inf` any upper bound, and both would fail later, in `int()`, with a message about something else."""
+    if not (math.isfinite(size_mb) and size_mb > 0):
+        raise ValueError(f"size_mb must be positive and finite (a number of megabytes), got {size_mb}")
+
+
+def _check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """`out_dir` as a Path, refused up front if it, or the nearest part of it that exists, is a file: the files
+    would otherwise fail one by one, perhaps after a long download, with an OS error about a path inside it."""
+    out = Path(out_dir)
+    nearest = next((p for p in (out, *out.parents) if p.exists()), None)
+    if nearest is not None and not nearest.is_dir():
+        inside = "" if nearest == out else f", so it cannot hold the output folder {out}"
+        raise NotADirectoryError(f"{nearest} is a file, not a folder{inside}: choose another output folder")
+    return out
+
+
 def builtin_records(seed: int = 0, size_mb: float = DEFAULT_SIZE_MB) -> dict[str, Iterator[dict]]:
     """The records of the built-in pretraining ("pretrain") and SFT ("sft") files, as streams."""
-    if size_mb <= 0:
-        raise ValueError(f"size_mb must be positive, got {size_mb}")
+    _check_size_mb(size_mb)
     world, size = make_world(seed), int(size_mb * 1e6)
     return {"pretrain": take_bytes(pretrain_records(world, seed), size),
             "sft": take_bytes(sft_records(world, seed), int(size * SFT_SHARE))}
@@ -394,7 +413,7 @@ def builtin_records(seed: int = 0, size_mb: float = DEFAULT_SIZE_MB) -> dict[str
 def write_builtin_dataset(out_dir: str | os.PathLike = "dataset", seed: int = 0,
                           size_mb: float = DEFAULT_SIZE_MB) -> dict[str, Path]:
     """Write the tiny world's pretraining, SFT and evaluation files; return their paths by the keys of `FILES`."""
-    out, records = Path(out_dir), {**builtin_records(seed, size_mb), **eval_sets(make_world(seed))}
+    out, records = _check_out_dir(out_dir), {**builtin_records(seed, size_mb), **eval_sets(make_world(seed))}
     return {key: write_jsonl(out / name, records[key]) for key, name in FILES.items()}
 
 # %% ../notebooks/07a_corpus.ipynb #read
@@ -470,7 +489,8 @@ def iter_jsonl(path: str | os.PathLike, check: Callable[[object], str | None] | 
             except JsonlError as e:
                 message = f"{path}:{line_no}: {e}"
                 if not skip_bad_lines:
-                    raise JsonlError(f"{message} (pass skip_bad_lines=True to skip and count bad lines)") from None
+                    raise JsonlError(f"{message} (skip and count such lines: skip_bad_lines=True, or "
+                                     "--skip_bad_lines on the train.py command line)") from None
                 if skipped is not None:
                     skipped.append(message)
                 continue
@@ -568,6 +588,9 @@ def download_dataset(source: str, out_dir: str | os.PathLike = "dataset", size_m
     """Download `source` ("tinystories" or "minimind") from the Hub and convert it into `out_dir`."""
     if source not in HUB_SOURCES:
         raise ValueError(f"unknown source {source!r}: choose one of {', '.join(HUB_SOURCES)}")
+    _check_out_dir(out_dir)
+    if size_mb is not None:
+        _check_size_mb(size_mb)
     spec = HUB_SOURCES[source]
     pretrain = hub_download(spec["repo_id"], pretrain_file or spec["pretrain"])
     sft = hub_download(spec["repo_id"], sft_file or spec["sft"])
@@ -575,7 +598,7 @@ def download_dataset(source: str, out_dir: str | os.PathLike = "dataset", size_m
     return convert(pretrain, sft, out_dir, size_mb)
 
 # %% ../notebooks/07a_corpus.ipynb #cli
-def main(argv: list[str] | None = None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m zer02llm.corpus",
         description="Write the built-in tiny-world dataset, or download and convert real data.")
@@ -588,13 +611,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--source", choices=sorted(HUB_SOURCES), help="download: which data set")
     ap.add_argument("--pretrain_file", help="download: file name in the Hub repository, to override the default")
     ap.add_argument("--sft_file", help="download: file name in the Hub repository, to override the default")
-    args = ap.parse_args(argv)
-    if args.command == "download":
-        if args.source is None:
-            ap.error("download needs --source tinystories|minimind")
-        result = download_dataset(args.source, args.out, args.size_mb, args.pretrain_file, args.sft_file)
-    else:
-        result = write_builtin_dataset(args.out, args.seed, DEFAULT_SIZE_MB if args.size_mb is None else args.size_mb)
+    return ap
+
+
+def _run(args: argparse.Namespace) -> dict:
+    if args.command == "build":
+        return write_builtin_dataset(args.out, args.seed, DEFAULT_SIZE_MB if args.size_mb is None else args.size_mb)
+    if args.source is None:
+        raise ValueError("download needs --source tinystories|minimind")
+    return download_dataset(args.source, args.out, args.size_mb, args.pretrain_file, args.sft_file)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Build or download, print the paths written and return them. Bad input ends the program (SystemExit 1) with
+    one `error:` line, not a traceback: the person at the command line needs the reason, not the call stack."""
+    args = _parser().parse_args(argv)
+    try:
+        result = _run(args)
+    except (ValueError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     for key, value in result.items():
         print(f"{key}: {value}")
     return result

@@ -10,6 +10,9 @@ __all__ = ['IGNORE_INDEX', 'CACHE_VERSION', 'prepare_pretrain', 'PretrainDataset
 import hashlib
 import json
 import os
+import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +35,41 @@ def _cache_stem(path: Path, kind: str, parts: list, cache_dir: str | os.PathLike
     return folder / f"{path.stem}.{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
-def _load_meta(stem: Path, data_suffix: str) -> dict | None:
+def _read_meta(meta_path: Path, fields: dict[str, type]) -> dict:
+    """The parsed metadata, or a ValueError naming the file if it is not a JSON object with these fields."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError or UnicodeDecodeError
+        raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: not a JSON object")
+    for key, kind in fields.items():
+        value = meta.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            raise ValueError(f"{meta_path}: {key!r} should be a {'count' if kind is int else kind.__name__}, "
+                             f"got {value!r:.40}")
+    return meta
+
+
+def _load_meta(stem: Path, data_suffix: str, fields: dict[str, type],
+               check: Callable[[Path, Path, dict], None]) -> dict | None:
+    """The cache's metadata, or None when there is no usable cache and the caller must build it.
+
+    The .json is written last, so without it there is no cache. A cache that is there but does not hold together
+    (metadata unreadable or incomplete, data file missing or not what the metadata describes, as `check` decides)
+    is derived data: warn, naming the bad file, and let it be rebuilt rather than fail mid-training."""
     meta_path, data_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + data_suffix)
-    if meta_path.is_file() and data_path.is_file():
-        return dict(json.loads(meta_path.read_text(encoding="utf-8")), data_path=str(data_path))
-    return None
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = _read_meta(meta_path, fields)
+        if not data_path.is_file():
+            raise ValueError(f"{data_path}: missing (its metadata {meta_path.name} is there)")
+        check(meta_path, data_path, meta)
+    except ValueError as e:
+        warnings.warn(f"damaged cache, rebuilding it: {e}", RuntimeWarning, stacklevel=4)  # 4: the dataset's caller
+        return None
+    return dict(meta, data_path=str(data_path))
 
 
 def _save_meta(stem: Path, data_suffix: str, meta: dict) -> dict:
@@ -56,6 +89,21 @@ def _batches(items, size: int):
         yield batch
 
 
+_TOKENS_FIELDS = {"source": str, "dtype": str, "n_docs": int, "n_tokens": int, "skipped": int,
+                  "skipped_first": list}
+
+
+def _check_tokens(meta_path: Path, data_path: Path, meta: dict, dtype: np.dtype) -> None:
+    """A ValueError unless the token file is exactly `n_tokens` ids of `dtype`: a truncated file would otherwise
+    surface as a reshape error in the middle of training."""
+    if meta["dtype"] != dtype.name:
+        raise ValueError(f"{meta_path}: dtype {meta['dtype']!r:.40}, expected {dtype.name!r}")
+    size, expected = data_path.stat().st_size, meta["n_tokens"] * dtype.itemsize
+    if size != expected:
+        raise ValueError(f"{data_path}: {size} bytes, but {meta_path.name} says {meta['n_tokens']} tokens of "
+                         f"{dtype.itemsize} bytes ({expected} bytes)")
+
+
 def prepare_pretrain(path: str | os.PathLike, tokenizer, cache_dir: str | os.PathLike | None = None,
                      skip_bad_lines: bool = False) -> dict:
     """Tokenize a `{"text"}` JSONL file once into `bos text eos bos text eos ...` (a flat binary file);
@@ -63,7 +111,7 @@ def prepare_pretrain(path: str | os.PathLike, tokenizer, cache_dir: str | os.Pat
     path = Path(path)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     stem = _cache_stem(path, "tokens", [tokenizer.fingerprint, dtype.name, skip_bad_lines], cache_dir)
-    meta = _load_meta(stem, ".bin")
+    meta = _load_meta(stem, ".bin", _TOKENS_FIELDS, partial(_check_tokens, dtype=dtype))
     if meta is not None:
         return meta
     skipped: list[str] = []
@@ -126,12 +174,30 @@ def encode_sft(tokenizer, messages: list[dict], max_seq_len: int) -> tuple[torch
     return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
 # %% ../notebooks/07c_data.ipynb #sft-dataset
+_INDEX_FIELDS = {"source": str, "n_conversations": int, "skipped": int, "skipped_first": list}
+
+
+def _check_index(meta_path: Path, data_path: Path, meta: dict, source_size: int) -> None:
+    """A ValueError unless the index loads as `n_conversations` (offset, length) pairs inside the source file: a bad
+    span would otherwise surface as a JSON error at some random step."""
+    try:
+        index = np.load(data_path)
+    except (ValueError, EOFError) as e:  # truncated or not an .npy file at all
+        raise ValueError(f"{data_path}: not a readable index ({e})") from None
+    if index.dtype != np.int64 or index.shape != (meta["n_conversations"], 2):
+        raise ValueError(f"{data_path}: {index.dtype} array of shape {index.shape}, but {meta_path.name} says "
+                         f"{meta['n_conversations']} (offset, length) int64 pairs")
+    if len(index) and (index.min() < 0 or (index[:, 0] + index[:, 1]).max() > source_size):
+        raise ValueError(f"{data_path}: spans outside the {source_size} bytes of {meta['source']}")
+
+
 def prepare_sft_index(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                       skip_bad_lines: bool = False) -> dict:
     """Check every line of a `{"conversations"}` JSONL file and save the (offset, length) of the good ones."""
     path = Path(path)
     stem = _cache_stem(path, "index", [skip_bad_lines], cache_dir)
-    meta = _load_meta(stem, ".npy")
+    check = partial(_check_index, source_size=path.stat().st_size)
+    meta = _load_meta(stem, ".npy", _INDEX_FIELDS, check)
     if meta is not None:
         return meta
     skipped: list[str] = []

@@ -9,7 +9,7 @@ __all__ = ['Step', 'apply_repetition_penalty', 'top_k_filter', 'top_p_filter', '
            'forward_step', 'generate', 'stream_generate']
 
 # %% ../notebooks/06b_sampling.ipynb #sampling
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -94,16 +94,17 @@ def forward_step(model: "LLM") -> Step:
 
 def generate(model: "LLM", input_ids: torch.Tensor, max_new_tokens: int = 128, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-             eos_token_id: int | Sequence[int] | None = None, attention_mask: torch.Tensor | None = None,
-             generator: torch.Generator | None = None, stream: bool = False,
+             eos_token_id: int | Sequence[int] | torch.Tensor | None = None,
+             attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None, stream: bool = False,
              step: Callable[["LLM"], Step] = forward_step) -> torch.Tensor | Iterator[torch.Tensor]:
     """Continue `input_ids` (T,) or (B, T) by up to `max_new_tokens` tokens; returns prompt + new tokens.
 
     temperature 0 = greedy; top_k / top_p truncate the distribution; repetition_penalty > 1 discourages tokens
-    already present (CTRL); eos_token_id (an id or a list) ends a sequence (finished ones are filled with eos; the
-    loop stops when all are done); attention_mask (B, T) with LEFT padding for prompts of different lengths;
-    generator seeds the sampling. `stream=True` returns `stream_generate(...)` instead. `step(model)` builds the
-    one-token step once per call (default: the forward pass; chapter 11's `lean_step` is the CPU fast path).
+    already present (CTRL); eos_token_id (an id, a list of ids, or an integer tensor) ends a sequence (finished ones
+    are filled with eos; the loop stops when all are done); attention_mask (B, T) with LEFT padding for prompts of
+    different lengths; generator seeds the sampling. `stream=True` returns `stream_generate(...)` instead.
+    `step(model)` builds the one-token step once per call (default: the forward pass; chapter 11's `lean_step` is
+    the CPU fast path).
     """
     steps = stream_generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                             eos_token_id, attention_mask, generator, step)
@@ -112,8 +113,8 @@ def generate(model: "LLM", input_ids: torch.Tensor, max_new_tokens: int = 128, t
 
 def stream_generate(model: "LLM", input_ids: torch.Tensor, max_new_tokens: int = 128, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-                    eos_token_id: int | Sequence[int] | None = None, attention_mask: torch.Tensor | None = None,
-                    generator: torch.Generator | None = None,
+                    eos_token_id: int | Sequence[int] | torch.Tensor | None = None,
+                    attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
                     step: Callable[["LLM"], Step] = forward_step) -> Iterator[torch.Tensor]:
     """Like `generate`, but yield the new tokens as they come: one (B,) tensor per step (an inference tensor).
 
@@ -157,13 +158,18 @@ def _check_generate_args(c: LLMconfig, input_ids: torch.Tensor, max_new_tokens: 
             raise ValueError("generation needs LEFT padding: each attention_mask row must be 0...0 1...1 and end "
                              "with a real token (tokenizer.padding_side = 'left')")
         attention_mask = None if bool(m.all()) else m.long()
-    if eos_token_id is not None:
-        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        if not eos or not all(isinstance(e, int) and 0 <= e < c.vocab_size for e in eos):
-            raise ValueError(f"eos_token_id must be an id (or a list of ids) in [0, {c.vocab_size}), "
-                             f"got {eos_token_id!r}")
-        eos_token_id = eos
-    return input_ids, attention_mask, eos_token_id
+    return input_ids, attention_mask, None if eos_token_id is None else _eos_ids(eos_token_id, c.vocab_size)
+
+
+def _eos_ids(eos_token_id, vocab_size: int) -> list[int]:
+    """`eos_token_id` as a list of ints. An integer tensor (0-d or 1-d) is accepted because ids are often read out
+    of tensors (`out[0, -1]`); anything else that is not an id or a list of ids is refused here, by name."""
+    ids = eos_token_id.tolist() if isinstance(eos_token_id, torch.Tensor) else eos_token_id
+    ids = list(ids) if isinstance(ids, Iterable) and not isinstance(ids, str) else [ids]
+    if not ids or not all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < vocab_size for e in ids):
+        raise ValueError(f"eos_token_id must be an int id (or a list of them) in [0, {vocab_size}), "
+                         f"got {eos_token_id!r}")
+    return ids
 
 
 @torch.inference_mode()  # cheaper than no_grad: no version counters or autograd metadata at all

@@ -48,10 +48,13 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
-        """A plain nn.Linear with weight W + (alpha / r) B A: the same function, without the extra matmuls."""
+        """A plain nn.Linear with weight W + (alpha / r) B A: the same function, without the extra matmuls.
+
+        Built with `skip_init`: its weights are overwritten anyway, and initialising them would draw from the global
+        random generator, so that saving a merged copy mid-training would change the dropout masks that follow."""
         base = self.base
-        out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                        device=base.weight.device, dtype=base.weight.dtype)
+        out = torch.nn.utils.skip_init(nn.Linear, base.in_features, base.out_features, bias=base.bias is not None,
+                                       device=base.weight.device, dtype=base.weight.dtype)
         out.weight.copy_(base.weight + self.delta_weight().to(base.weight.dtype))
         if base.bias is not None:
             out.bias.copy_(base.bias)
