@@ -228,32 +228,120 @@ def test_the_script_exits_nonzero_with_the_message(tmp_path):
 
 
 # ---- wandb --------------------------------------------------------------------------------------------------
-def test_wandb_is_lazy_offline_without_a_key_and_explains_when_missing(corpus, tmp_path, monkeypatch, capsys):
-    runs = []
+def wandb_env(home: Path) -> dict:
+    """The environment of a learner who never ran `wandb login`: no key, no WANDB_MODE, a home without .netrc."""
+    env = {k: v for k, v in ENV.items() if not k.startswith("WANDB_") and k != "NETRC"}
+    return {**env, "HOME": str(home)}
 
-    class FakeRun:
-        def __init__(self, **kw):
-            self.kw, self.logged, self.finished = kw, [], False
-            runs.append(self)
 
-        def log(self, record, step=None):
-            self.logged.append((step, record))
+def wandb_summary(output: str) -> dict[str, float]:
+    """The "Run summary:" table that wandb prints when a run finishes (`wandb:  lm_loss 0.33333`)."""
+    table = output.split("wandb: Run summary:\n", 1)[1].split("\nwandb: \n", 1)[0]
+    rows = (line.removeprefix("wandb:").split() for line in table.splitlines())
+    return {key: float(value) for key, value in rows}
 
-        def finish(self):
-            self.finished = True
 
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: FakeRun(**kw)))
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
+def last_values(history: list[dict]) -> dict[str, float]:
+    """The last value the trainer logged for each key (what wandb's summary must show)."""
+    return {k: v for record in history for k, v in record.items()}
+
+
+def test_wandb_runs_offline_by_itself_and_records_what_to_watch(corpus, tmp_path):
+    """The real wandb, in a real run, for a learner without an account: it must choose offline mode itself, never
+    wait for input (stdin is closed), write its run folder, and summarise the values the trainer logged last."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--data_path", str(corpus["pretrain"]), *TINY, "--max_steps",
+                           "6", "--use_wandb"], cwd=tmp_path, env=wandb_env(tmp_path), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wandb: no API key configured, logging offline to ./wandb" in proc.stdout
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert len(list(run_dir.glob("run-*.wandb"))) == 1
+    summary = wandb_summary(proc.stdout + proc.stderr)
+    history = torch.load(tmp_path / "out" / "pretrain_32_resume.pth", weights_only=True)["history"]
+    expected = last_values(history)
+    for key in ("lm_loss", "lr", "grad_norm", "tokens_per_s", "val_loss"):
+        assert summary[key] == pytest.approx(expected[key], rel=1e-4, abs=5e-6), key  # wandb rounds to 5 decimals
+
+
+@pytest.fixture
+def wandb_runs(tmp_path, monkeypatch):
+    """The real wandb.init, watched: every run it creates and every record logged to it (writes under tmp_path)."""
+    wandb = pytest.importorskip("wandb")
+    for key in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(key)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    argv = ["--data_path", corpus["pretrain"], "--out_dir", tmp_path, *TINY, "--max_steps", "2"]
-    assert main([str(a) for a in argv + ["--use_wandb", "--wandb_project", "test"]]) == 0
-    assert os.environ["WANDB_MODE"] == "offline"
-    (run,) = runs
-    assert run.kw["project"] == "test" and run.finished and [s for s, _ in run.logged] == [0, 1, 2, 2]
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    runs, real_init = [], wandb.init
+
+    class Watched:  # wandb's Run refuses new attributes: wrap it, passing everything through
+        def __init__(self, run):
+            self.run, self.logged = run, []
+
+        def log(self, record, **kw):
+            self.logged.append(dict(record))
+            return self.run.log(record, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self.run, name)
+
+    def init(**kw):
+        runs.append(Watched(real_init(**kw)))
+        return runs[-1]
+
+    monkeypatch.setattr(wandb, "init", init)
+    yield runs
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # start_wandb set it for the process
+
+
+def test_wandb_config_holds_the_flags_and_the_model_size_and_a_resume_continues_the_run(corpus, tmp_path, wandb_runs):
+    argv = ["--data_path", corpus["pretrain"], "--out_dir", tmp_path, *TINY, "--max_steps", "4", "--use_wandb",
+            "--wandb_project", "test"]
+    assert main([str(a) for a in argv]) == 0
+    (run,) = wandb_runs
+    config = dict(run.config)
+    assert config["batch_size"] == 4 and config["max_steps"] == 4 and config["learning_rate"] == 3e-3
+    assert config["dim"] == 32 and config["world_size"] == 1 and config["total_steps"] == 4
+    assert config["parameters"] == LLM.from_checkpoint(tmp_path / "pretrain_32.pth").num_parameters()
+    assert config["model_config"]["n_layers"] == 1 and run.project == "test"
+    assert [r["step"] for r in run.logged] == [0, 1, 2, 3, 3, 4, 4]  # validations at 0, 3 and the end
+    state = torch.load(tmp_path / "pretrain_32_resume.pth", weights_only=True)
+    assert state["extra"]["wandb_run_id"] == run.id
+    assert main([str(a) for a in argv + ["--resume"]]) == 0
+    assert len(wandb_runs) == 2 and wandb_runs[1].id == run.id  # the same wandb run, continued
+
+
+def test_wandb_logs_the_moe_balance_and_the_held_out_accuracy(corpus, pretrained, tmp_path, wandb_runs):
+    argv = ["--data_path", corpus["pretrain"], "--out_dir", tmp_path, *TINY, "--max_steps", "2", "--use_wandb",
+            "--use_moe", "--n_routed_experts", "4", "--num_experts_per_tok", "2"]
+    assert main([str(a) for a in argv]) == 0
+    steps = [r for r in wandb_runs[0].logged if "lm_loss" in r]
+    assert len(steps) == 2 and all("aux_loss" in r for r in steps)
+    for record in steps:
+        shares = [record[f"expert_load/layer0/expert{j}"] for j in range(4)]
+        assert sum(shares) == pytest.approx(1.0) and all(0 <= x <= 1 for x in shares), shares
+    argv = ["--mode", "sft", "--init_from", pretrained, "--data_path", corpus["sft"], "--out_dir", tmp_path, *TINY,
+            "--max_steps", "3", "--use_wandb"]
+    assert main([str(a) for a in argv]) == 0
+    validations = [r for r in wandb_runs[1].logged if "val_loss" in r]
+    assert [r["step"] for r in validations] == [0, 3]
+    assert all(0 <= r["eval_facts"] <= 1 and 0 <= r["eval_entities"] <= 1 for r in validations), validations
+
+
+def test_wandb_missing_is_one_clear_error(corpus, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
-    capsys.readouterr()
-    assert "pip install wandb" in error_of(argv + ["--use_wandb"], capsys)
+    argv = ["--data_path", corpus["pretrain"], "--out_dir", tmp_path, *TINY, "--max_steps", "2", "--use_wandb"]
+    assert "pip install wandb" in error_of(argv, capsys)
+
+
+def test_wandb_under_ddp_only_rank_0_creates_a_run(corpus, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**wandb_env(tmp_path), "PET_MASTER_PORT": str(free_port())}
+    proc = subprocess.run([str(torchrun), "--nproc_per_node=2", str(SCRIPT), "--ddp", "--data_path",
+                           str(corpus["pretrain"]), *TINY, "--max_steps", "2", "--use_wandb"], cwd=tmp_path, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+    assert (proc.stdout + proc.stderr).count("wandb: Run summary:") == 1
 
 
 def test_compile_flag_goes_through_compile_model(corpus, tmp_path, monkeypatch):
@@ -463,3 +551,11 @@ def test_a_process_that_cannot_join_stops_with_a_message(tmp_path):
     assert proc.stdout.startswith(f"rank 1 could not join the 2 processes at 127.0.0.1:{port} within 3 s ("), (
         proc.stdout, proc.stderr[-2000:])
     assert proc.stdout.rstrip().endswith("did every process start, and is the port open between the machines?")
+
+
+def test_wandb_disabled_by_the_environment(corpus, tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--data_path", str(corpus["pretrain"]), *TINY, "--max_steps",
+                           "2", "--use_wandb"], cwd=tmp_path, env={**wandb_env(tmp_path), "WANDB_MODE": "disabled"},
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (tmp_path / "wandb").exists() and "Run summary" not in proc.stdout + proc.stderr

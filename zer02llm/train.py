@@ -3,8 +3,8 @@
 # %% auto #0
 __all__ = ['ARCH_FLAGS', 'RUNTIME_FLAGS', 'JOIN_TIMEOUT', 'DEFAULT_DIM', 'str2bool', 'build_parser', 'init_distributed',
            'teardown_distributed', 'is_main_process', 'barrier', 'resolve_data_path', 'build_datasets',
-           'question_metrics', 'build_model', 'wandb_has_key', 'start_wandb', 'format_record', 'check_out_dir',
-           'train_config', 'data_id', 'run', 'main']
+           'question_metrics', 'build_model', 'wandb_has_key', 'import_wandb', 'start_wandb', 'ExpertLoad',
+           'format_record', 'check_out_dir', 'train_config', 'data_id', 'run', 'main']
 
 # %% ../notebooks/10_ddp.ipynb #prologue
 # Run as a file (`python zer02llm/train.py`, `torchrun zer02llm/train.py`)? Become a module of the package first,
@@ -26,6 +26,7 @@ import sys
 import tempfile
 from dataclasses import replace
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ from .evaluate import answer_accuracy, read_questions
 from .fast import compile_model
 from .lora import apply_lora, merge_lora, save_lora
 from .model import LLM
+from .moe import MoEgate
 from .tokenizer import load_tokenizer
 from .trainer import DTYPES, TrainConfig, Trainer, checkpoint_path, default_dtype, resume_path, split_train_val
 from .utils import remove_stale_temps, resolve_device, seed_everything
@@ -289,17 +291,57 @@ def wandb_has_key() -> bool:
         return False
 
 
-def start_wandb(project: str, run_name: str | None, config: dict):
-    """A wandb run (offline without an API key, so it never waits for a login prompt)."""
+def import_wandb():
+    """The wandb module, or an ImportError that says how to install it (checked first: before the data)."""
     try:
         import wandb
     except ImportError:
         raise ImportError("--use_wandb needs the wandb package: pip install wandb  "
                           "(or: pip install -e '.[wandb]')") from None
+    return wandb
+
+
+def start_wandb(project: str, run_name: str | None, config: dict, run_id: str | None = None):
+    """A wandb run (offline without an API key, so it never waits for a login prompt). `run_id` continues that run:
+    a resumed training run keeps logging to the run it started, not to a new one."""
+    wandb = import_wandb()
     if "WANDB_MODE" not in os.environ and not wandb_has_key():
         os.environ["WANDB_MODE"] = "offline"
         print("wandb: no API key configured, logging offline to ./wandb (upload later with `wandb sync`)", flush=True)
-    return wandb.init(project=project, name=run_name, config=config)
+    return wandb.init(project=project, name=run_name, config=config, id=run_id, resume="allow")
+
+
+class ExpertLoad:
+    """How a mixture of experts shares out its tokens: for each MoE layer, the share of the routed slots (k per real
+    token) that each expert received in the training steps since the last `read()`. Counted by forward hooks on the
+    routers, so the model does not change to be watched; evaluation forwards are not counted. An expert whose share
+    stays near 0 is dead weight; the load-balancing loss (chapter 05) pushes every share towards 1/E. Under DDP this
+    is rank 0's part of the batch."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.gates = [m for m in model.modules() if isinstance(m, MoEgate)]
+        self.counts: list[torch.Tensor | None] = [None] * len(self.gates)
+        for i, gate in enumerate(self.gates):
+            gate.register_forward_hook(partial(self._count, i), with_kwargs=True)
+
+    def _count(self, i: int, gate: MoEgate, args: tuple, kwargs: dict, output: tuple) -> None:
+        if not gate.training:
+            return
+        chosen, mask = output[0], kwargs.get("token_mask", args[1] if len(args) > 1 else None)  # (N, k), (B, T)
+        if mask is not None:
+            chosen = chosen[mask.reshape(-1).bool()]
+        counts = torch.bincount(chosen.reshape(-1), minlength=gate.n_routed_experts)
+        self.counts[i] = counts if self.counts[i] is None else self.counts[i] + counts
+
+    def read(self) -> dict[str, float]:
+        """{"expert_load/layer{i}/expert{j}": share} since the last read (each layer's shares sum to 1); resets."""
+        shares = {}
+        for i, counts in enumerate(self.counts):
+            if counts is not None:
+                share = (counts.float() / counts.sum().clamp_min(1)).tolist()
+                shares.update({f"expert_load/layer{i}/expert{j}": v for j, v in enumerate(share)})
+        self.counts = [None] * len(self.gates)
+        return shares
 
 # %% ../notebooks/10_ddp.ipynb #run
 def format_record(record: dict, total_steps: int) -> str:
@@ -368,10 +410,8 @@ def run(args) -> dict:
             tqdm.write(msg, file=sys.stdout)
             sys.stdout.flush()
 
-    wandb_run = None
     if args.use_wandb and main_process:  # first: a missing package should not wait for the data
-        wandb_run = start_wandb(args.wandb_project, args.wandb_run_name,
-                                {**vars(args), "learning_rate": cfg.learning_rate})
+        import_wandb()
     seed_everything(args.seed)
     tokenizer = load_tokenizer()
     model, init = build_model(args, tokenizer)
@@ -399,10 +439,13 @@ def run(args) -> dict:
             save_lora(m, adapter, base=str(init))
             merge_lora(copy.deepcopy(m)).save_checkpoint(path)
 
+    wandb_run, expert_load = None, None
+
     def log(record: dict) -> None:
         say(format_record(record, trainer.total_steps))
         if wandb_run is not None:
-            wandb_run.log(record, step=record["step"])
+            load = expert_load.read() if expert_load is not None and "lm_loss" in record else {}
+            wandb_run.log({**record, **load}, step=record["step"])
 
     trainer = Trainer(model, train_data, cfg, val_data=val_data, device=device, ckpt_path=ckpt, save_model=save_model,
                       log=log, progress=True, metrics=metrics, data_id=data_id(data_path))
@@ -418,10 +461,19 @@ def run(args) -> dict:
         f"{world_size} process(es) on {device.type}, "
         f"{cfg.dtype}, {trainer.total_steps} optimizer steps of {cfg.batch_size * cfg.accumulation_steps * world_size} "
         f"examples" + (f", starting from {init}" if init else ""))
-    history = trainer.fit()
+    if args.use_wandb and main_process:
+        config = {**vars(args), "learning_rate": cfg.learning_rate, "dtype": cfg.dtype, "world_size": world_size,
+                  "parameters": model.num_parameters(), "trainable_parameters": trainable,
+                  "total_steps": trainer.total_steps, "model_config": model.config.to_dict()}
+        wandb_run = start_wandb(args.wandb_project, args.wandb_run_name, config, trainer.extra.get("wandb_run_id"))
+        trainer.extra["wandb_run_id"] = wandb_run.id  # saved with the resume state: a resume continues this run
+        expert_load = ExpertLoad(model) if model.config.use_moe else None
+    try:
+        history = trainer.fit()
+    finally:
+        if wandb_run is not None:
+            wandb_run.finish(exit_code=0 if trainer.step == trainer.total_steps else 1)
     say(f"saved {ckpt}" + (f" and the adapter {adapter}" if args.lora_rank else ""))
-    if wandb_run is not None:
-        wandb_run.finish()
     return {"checkpoint": ckpt, "steps": trainer.step, "history": history}
 
 

@@ -182,6 +182,7 @@ class Trainer:
                  metrics: dict[str, Callable[[nn.Module], float]] | None = None, data_id: str | None = None):
         self.cfg, self.device = cfg, torch.device(device)
         self.data_id = data_id  # names the training data in the resume state (train.py: the file and its size)
+        self.extra: dict = {}  # the caller's own values, kept in the resume state (train.py: the wandb run id)
         self.train_data, self.val_data = train_data, val_data
         self.ddp = dist.is_available() and dist.is_initialized()
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if self.ddp else (0, 1)
@@ -354,7 +355,7 @@ class Trainer:
                 "batch_in_epoch": self.batch_in_epoch, "rng": rng, "history": self.history,
                 "train_config": asdict(self.cfg), "world_size": self.world_size,
                 "model_config": config.to_dict() if hasattr(config, "to_dict") else None,
-                "data": {"examples": len(self.train_data), "id": self.data_id}}
+                "data": {"examples": len(self.train_data), "id": self.data_id}, "extra": self.extra}
 
     def load_state_dict(self, state: dict) -> None:
         config = getattr(self.raw_model, "config", None)
@@ -373,6 +374,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.history = list(state["history"])
+        self.extra = dict(state.get("extra", {}))
         set_rng_state(state["rng"][self.rank])
 
     def _changed_run(self, state: dict) -> list[str]:
