@@ -13,9 +13,21 @@ def pytest_addoption(parser):
     parser.addoption(
         "--nb-dir",
         default="solutions",
-        choices=["solutions", "exercises"],
-        help="which exercise notebooks tests/test_exercises.py grades (learners: exercises)",
+        help="the folder of exercise notebooks tests/test_exercises.py grades (learners: exercises; default: the "
+             "reference solutions, together with the checks that prove every grader can fail)",
     )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Grading a learner's folder runs the graders only: the tests about the graders themselves (each fails on an
+    unsolved stub, every solution has one) concern the course, and would report failures that are not the
+    learner's."""
+    if config.getoption("--nb-dir") == "solutions":
+        return
+    keep = [i for i in items if not (i.path.name == "test_exercises.py" and i.originalname != "test_exercise")]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
 
 
 def pytest_configure(config):
