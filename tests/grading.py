@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -64,7 +65,8 @@ def get(run: NotebookRun, name: str, kind: str = "function") -> Any:
     """Fetch `name` from the learner's notebook, or fail saying it is missing."""
     __tracebackhide__ = True  # pytest shows the message, not the grader's internals
     if name not in run.ns:
-        raise AssertionError(f"{run.path.name}: no {kind} named `{name}` - did you run/define the cell that creates it?")
+        raise AssertionError(f"{run.path.name}: no {kind} named `{name}` - did you run/define the cell that "
+                             "creates it?")
     return run.ns[name]
 
 
@@ -77,7 +79,8 @@ def call(run: NotebookRun, name: str, *args, **kwargs) -> Any:
     try:
         return fn(*args, **kwargs)
     except NotImplementedError:
-        raise AssertionError(f"`{name}` is not implemented yet: replace `raise NotImplementedError()` in its cell") from None
+        raise AssertionError(f"`{name}` is not implemented yet: replace `raise NotImplementedError()` in its "
+                             "cell") from None
     except Exception as e:  # a learner's bug: say where it came from
         raise AssertionError(f"`{name}` raised {type(e).__name__}: {e}") from e
 
@@ -102,8 +105,64 @@ def assert_close(actual: Any, expected: torch.Tensor, what: str, atol: float = 1
         idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape)) if a.dim() else ()
         raise AssertionError(
             f"{what}: {int(bad.sum())} of {a.numel()} elements differ; worst at index {idx}: "
-            f"got {a[idx].item():.6g}, expected {e[idx].item():.6g} (|diff| {diff[idx].item():.3g}, atol {atol}, rtol {rtol})"
+            f"got {a[idx].item():.6g}, expected {e[idx].item():.6g} (|diff| {diff[idx].item():.3g}, atol {atol}, "
+            f"rtol {rtol})"
         )
 
 
 Check = Callable[[NotebookRun], None]
+
+
+Mistakes = Mapping[str, Any] | Sequence[tuple[str, Any]]
+"""Known wrong answers: (what the learner did, the result it produces: a value, or a function that computes it)."""
+
+
+def same(got: Any, want: Any, atol: float = 1e-5, rtol: float = 1e-5) -> bool:
+    """`got` equals `want` (a tensor or a tuple of them): exactly for booleans, within the tolerance otherwise, NaNs
+    in the same places counting as equal."""
+    if isinstance(want, tuple):
+        return (isinstance(got, tuple) and len(got) == len(want)
+                and all(same(g, w, atol, rtol) for g, w in zip(got, want)))
+    if not (isinstance(got, torch.Tensor) and got.shape == want.shape):
+        return False
+    if want.dtype == torch.bool:
+        return got.dtype == torch.bool and torch.equal(got, want)
+    return torch.allclose(got.detach().double(), want.detach().double(), atol=atol, rtol=rtol, equal_nan=True)
+
+
+def gap(got: Any, want: Any) -> str:
+    """How far the learner's answer is from the right one, measured, for a message."""
+    if isinstance(want, tuple):
+        return "; ".join(gap(g, w) for g, w in zip(got, want))
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        return f"got {type(got).__name__} {tuple(getattr(got, 'shape', ()))}, expected shape {tuple(want.shape)}"
+    if want.dtype == torch.bool:
+        return f"{int((got != want).sum())} of {want.numel()} entries differ"
+    g = got.detach().double()
+    if torch.isnan(g).any() and not torch.isnan(want).any():
+        return f"NaN in {int(torch.isnan(g).sum())} of {g.numel()} values"
+    return f"max |yours - correct| = {(g - want.detach().double()).abs().max().item():.3g}"
+
+
+def name_the_mistake(what: str, got: Any, want: Any, mistakes: Mistakes, atol: float = 1e-5,
+                     rtol: float = 1e-5) -> None:
+    """When `got` is wrong and reproduces a known mistake, fail saying which (with the measured gap). Mistakes that
+    give the right answer on this input cannot be told apart from it and are skipped; functions are called only when
+    needed. Returns when `got` is right or matches no known mistake (the caller checks further)."""
+    __tracebackhide__ = True
+    if same(got, want, atol, rtol):
+        return
+    for mistake, wrong in (mistakes.items() if isinstance(mistakes, Mapping) else mistakes):
+        wrong = wrong() if callable(wrong) else wrong
+        if not same(wrong, want, atol, rtol) and same(got, wrong, atol, rtol):
+            raise AssertionError(f"{what}: {mistake} ({gap(got, want)})")
+
+
+def expect(what: str, got: Any, want: Any, mistakes: Mistakes = (), atol: float = 1e-5, rtol: float = 1e-5) -> None:
+    """`got` must equal `want`: a known mistake is named (`name_the_mistake`), any other difference described."""
+    __tracebackhide__ = True
+    name_the_mistake(what, got, want, mistakes, atol, rtol)
+    if isinstance(want, torch.Tensor) and want.dtype != torch.bool:
+        assert_close(got, want, what, atol, rtol)
+    elif not same(got, want, atol, rtol):
+        raise AssertionError(f"{what}: {gap(got, want)}")

@@ -17,6 +17,7 @@ from grading import NotebookRun, run_notebook
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 CHECKS = all_checks()
+IDS = [f"{nb.split('_exercises')[0]}::{n}" for nb, n, _ in CHECKS]
 _runs: dict[Path, NotebookRun] = {}
 
 
@@ -28,7 +29,7 @@ def _run(path: Path) -> NotebookRun:
     return _runs[path]
 
 
-@pytest.mark.parametrize("notebook,name,check", CHECKS, ids=[f"{nb.split('_exercises')[0]}::{n}" for nb, n, _ in CHECKS])
+@pytest.mark.parametrize("notebook,name,check", CHECKS, ids=IDS)
 def test_exercise(notebook, name, check, request):
     nb_dir = ROOT / request.config.getoption("--nb-dir")
     check(_run(nb_dir / notebook))
@@ -45,7 +46,7 @@ def stubs(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("notebook,name,check", CHECKS, ids=[f"{nb.split('_exercises')[0]}::{n}" for nb, n, _ in CHECKS])
+@pytest.mark.parametrize("notebook,name,check", CHECKS, ids=IDS)
 def test_checks_fail_on_unsolved_exercises(notebook, name, check, stubs):
     with pytest.raises(AssertionError):
         check(_run(stubs / notebook))
@@ -82,10 +83,11 @@ def test_one_mistake_is_one_failure_that_names_it(tmp_path):
     proc = grade(folder, "-k", "01_rmsnorm")
     n = sum(nb_name.startswith("01_") for nb_name, _, _ in CHECKS)
     assert proc.returncode == 1 and f"1 failed, {n - 1} passed" in proc.stdout, proc.stdout[-3000:]
-    assert "check_layer_norm" in proc.stdout
+    assert "check_layer_norm" in proc.stdout and "unbiased variance" in proc.stdout, proc.stdout[-3000:]
 
 
 def test_every_solution_notebook_has_a_grader():
     graded = {nb for nb, _, _ in CHECKS}
     solutions = {p.name for p in (ROOT / "solutions").glob("*.ipynb")}
-    assert solutions == graded, f"solutions without graders: {solutions - graded}; graders without solutions: {graded - solutions}"
+    assert solutions == graded, (f"solutions without graders: {solutions - graded}; "
+                                 f"graders without solutions: {graded - solutions}")

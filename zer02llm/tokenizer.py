@@ -44,7 +44,7 @@ def bytes_to_unicode() -> dict[int, str]:
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]  # ids 0, 1, 2
 DEFAULT_VOCAB_SIZE = 6400
-SEED_TOKENIZER_PATH = "model/zer02llm_tokenizer"  # where the course's seed kept its tokenizer
+SEED_TOKENIZER_PATH = "model/zer02llm_tokenizer"  # where the original Zer02LLM project kept its tokenizer
 
 CHAT_TEMPLATE = (
     "{%- for message in messages %}\n"
@@ -273,8 +273,8 @@ def builtin_texts(seed: int = 0, size_mb: float = DEFAULT_SIZE_MB) -> Iterator[s
 
 # %% ../notebooks/07b_tokenizer.ipynb #load-tokenizer
 def load_tokenizer(path: str | os.PathLike | None = None) -> ChatTokenizer:
-    """The shipped default (`None`), or the tokenizer folder at `path`
-    (see the module docstring for the seed's path)."""
+    """The shipped default (`None`), or the tokenizer folder at `path`; the original Zer02LLM's path
+    `model/zer02llm_tokenizer` falls back to the shipped default when that folder does not exist."""
     if path is None:
         return ChatTokenizer.from_dir(default_tokenizer_dir())
     path = Path(path)
