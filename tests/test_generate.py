@@ -255,3 +255,22 @@ def test_quick_start_runs_as_written():
     assert output.shape == (1, 108) and torch.equal(output[:, :8], input_ids)
 
 
+
+
+def test_the_loop_uses_the_weights_as_they_are_at_each_call():
+    """An in-place edit that no version counter sees (`.data.copy_`) and a model built under inference_mode: the loop
+    must compute with the current weights either way (moved here from chapter 06b: an engineering check, not a
+    lesson)."""
+    torch.manual_seed(0)  # untied: an untrained tied model mostly repeats its last token, whatever its weights
+    model = LLM(LLMconfig(vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256,
+                          tie_word_embeddings=False)).eval()
+    prompt = torch.randint(0, 512, (2, 12))
+    before = model.generate(prompt, max_new_tokens=8, temperature=0)
+    model.lm_head.weight.data.copy_(torch.randn_like(model.lm_head.weight))
+    after = model.generate(prompt, max_new_tokens=8, temperature=0)
+    assert not torch.equal(before, after) and torch.equal(after, greedy_naive(model, prompt, 8))
+    with torch.inference_mode():
+        frozen = LLM(model.config)
+        frozen.load_state_dict(model.state_dict())
+        from_frozen = frozen.eval().generate(prompt, max_new_tokens=8, temperature=0)
+    assert torch.equal(from_frozen, after)
