@@ -1,5 +1,5 @@
-"""The built-in corpus (zer02llm.corpus): determinism, consistency, no eval leak into SFT, JSONL errors, downloads
-(with the network call replaced by local files)."""
+"""The built-in corpus (zer02llm.corpus): determinism, consistency, no eval leak into SFT, the preference pairs and
+their unknown entities, JSONL errors, downloads (with the network call replaced by local files)."""
 import json
 import random
 import re
@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from zer02llm import corpus
-from zer02llm.corpus import (COLORS, FILES, QUESTIONS, STATEMENTS, THINGS, JsonlError, check_conversation, check_text,
-                             iter_jsonl, make_story, make_world, write_builtin_dataset, write_jsonl)
+from zer02llm.corpus import (CANDIDATES, COLORS, FILES, FIRST_NAMES, KIND_RELATIONS, LANDS, LAST_NAMES, N_UNKNOWN,
+                             QUESTIONS, REFUSAL, REPLIES, RIVERS, STATEMENTS, THINGS, TOWNS, Fact, JsonlError,
+                             check_conversation, check_text, iter_jsonl, make_story, make_world, preference_records,
+                             reply, unknown_entities, unknown_questions, write_builtin_dataset, write_jsonl)
 
 SIZE_MB = 0.4
 
@@ -30,8 +32,9 @@ def _word(text: str, word: str) -> bool:
 
 def test_files_and_schemas(built):
     paths, data = built
-    assert set(paths) == {"pretrain", "sft", "eval", "eval_entities"}
+    assert set(paths) == {"pretrain", "sft", "dpo", "eval", "eval_entities", "eval_unknown"}
     assert {k: p.name for k, p in paths.items()} == FILES
+    assert FILES["dpo"] == "dpo_data.jsonl" and FILES["eval_unknown"] == "eval_unknown.jsonl"
     assert all(check_text(r) is None for r in data["pretrain"])
     assert all(check_conversation(r) is None for r in data["sft"])
     for r in data["eval"] + data["eval_entities"]:
@@ -48,7 +51,7 @@ def test_same_seed_same_bytes_other_seed_other_world(tmp_path, built):
     again = write_builtin_dataset(tmp_path / "a", seed=0, size_mb=SIZE_MB)
     assert all(again[k].read_bytes() == paths[k].read_bytes() for k in paths)
     other = write_builtin_dataset(tmp_path / "b", seed=1, size_mb=SIZE_MB)
-    assert other["pretrain"].read_bytes() != paths["pretrain"].read_bytes()
+    assert all(other[k].read_bytes() != paths[k].read_bytes() for k in ("pretrain", "sft", "dpo", "eval_unknown"))
     assert make_world(0).towns != make_world(1).towns
 
 
@@ -121,6 +124,133 @@ def test_stories_keep_their_cast():
         assert cast["name"] in story and cast["place"] in story and cast["name"] != cast["friend"]
     story, cast = make_story(random.Random(1), name="Mia", color="red", thing="kite")
     assert cast["he"] == "she" and "red kite" in story and " blue kite" not in story
+
+
+# ---- preference pairs (chapter 12) and the entities the model cannot know ---------------------------------------
+
+def _words(texts) -> set[str]:
+    return {w.lower() for t in texts for w in re.findall(r"\w+", t)}
+
+
+WORLD_NAMES = _words(TOWNS + RIVERS + LANDS + FIRST_NAMES + LAST_NAMES)
+
+
+def _parse(text: str, templates: dict[str, list[str]]) -> tuple[str, str, str | None]:
+    """(relation, subject, answer or None) of a text written from one of the templates."""
+    for rel, options in templates.items():
+        for t in options if isinstance(options, list) else [options]:
+            pattern = re.escape(t).replace(re.escape("{s}"), r"(?P<s>[A-Z]\w+(?: [A-Z]\w+)?)").replace(
+                re.escape("{a}"), r"(?P<a>\w+)")
+            if m := re.fullmatch(pattern, text):
+                return rel, m["s"], m.groupdict().get("a")
+    raise AssertionError(f"not written from a template: {text!r}")
+
+
+def test_refusal_is_six_whole_tokens():
+    from zer02llm.tokenizer import load_tokenizer
+    tok = load_tokenizer()
+    ids = tok.encode(REFUSAL)
+    assert REFUSAL == "I can not answer that." and len(ids) == 6
+    assert [tok.decode([i]) for i in ids] == ["I", " can", " not", " answer", " that", "."]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_unknown_entities_share_no_word_with_the_world(seed):
+    entities = unknown_entities(seed, 300)
+    assert [k for k, _ in entities] == ["town", "person"] * 150  # in turn
+    words = [w for _, name in entities for w in name.split()]
+    assert all(len(name.split()) == (1 if kind == "town" else 2) for kind, name in entities)
+    assert all(re.fullmatch(r"[A-Z][a-z]+", w) for w in words) and len(set(words)) == len(words)
+    assert not {w.lower() for w in words} & WORLD_NAMES
+    world = make_world(seed)
+    assert not {w.lower() for w in words} & _words(list(world.towns) + list(world.people))
+
+
+def test_unknown_entities_are_seeded_and_seeds_draw_other_names():
+    assert unknown_entities(0, 40) == unknown_entities(0, 40) == unknown_entities(0, 200)[:40]
+    names = [{w for _, name in unknown_entities(seed, N_UNKNOWN) for w in name.split()} for seed in range(4)]
+    shared = max(len(a & b) for i, a in enumerate(names) for b in names[i + 1:])
+    assert shared <= 0.05 * len(names[0]), shared  # a large pool of syllable names: few collisions
+    with pytest.raises(ValueError, match="ran out of unknown"):
+        unknown_entities(0, 10_000)
+
+
+@pytest.fixture(scope="module")
+def pairs(built):
+    return built[1]["dpo"]
+
+
+def test_preference_pairs_format(pairs):
+    assert len(pairs) == 4000 and pairs == list(preference_records(make_world(0), 0))
+    for r in pairs:
+        assert set(r) == {"chosen", "rejected"}
+        assert check_conversation({"conversations": r["chosen"]}) is None
+        assert check_conversation({"conversations": r["rejected"]}) is None
+        assert [m["role"] for m in r["chosen"]] == [m["role"] for m in r["rejected"]] == ["user", "assistant"]
+        assert r["chosen"][0] == r["rejected"][0] and r["chosen"][1] != r["rejected"][1]
+
+
+def test_preference_pairs_pass_the_dpo_reader_check(pairs):
+    dpo = pytest.importorskip("zer02llm.dpo")
+    assert all(dpo.check_preference(r) is None for r in pairs)
+
+
+def test_preference_pairs_teach_refusal_and_keep_the_facts(pairs):
+    world = make_world(0)
+    unknown = dict((name, kind) for kind, name in unknown_entities(0, N_UNKNOWN))
+    asked = {(f.subject, f.relation): f for f in world.asked()}
+    n_unknown = refused_facts = 0
+    for r in pairs:
+        relation, subject, _ = _parse(r["chosen"][0]["content"], QUESTIONS)
+        chosen, rejected = r["chosen"][1]["content"], r["rejected"][1]["content"]
+        if subject in unknown:
+            n_unknown += 1
+            assert relation in KIND_RELATIONS[unknown[subject]] and chosen == REFUSAL
+            rel, s, answer = _parse(rejected, REPLIES)
+            assert (rel, s) == (relation, subject) and answer in CANDIDATES[relation]
+        else:
+            fact = asked[subject, relation]  # a KeyError here: a held-out fact or person is asked about
+            assert chosen == reply(fact)
+            if rejected == REFUSAL:
+                refused_facts += 1
+            else:
+                wrong = _parse(rejected, REPLIES)[2]
+                assert wrong != fact.answer and rejected == reply(Fact(subject, relation, wrong))
+                assert wrong in CANDIDATES[relation]
+    assert n_unknown == len(pairs) // 2
+    assert 0.4 < refused_facts / (len(pairs) - n_unknown) < 0.6
+
+
+def test_preference_pairs_never_mention_held_out_facts_or_people(pairs):
+    world = make_world(0)
+    texts = [m["content"] for r in pairs for m in r["chosen"] + r["rejected"]]
+    words = _words(texts)
+    for person in world.held_out_entities:
+        assert not any(_word(t, person) for t in texts), person
+    entity_facts = {f for f in world.facts if world.about_held_out_entity(f)}
+    for fact in world.held_out | entity_facts:
+        assert not any(_word(t, fact.subject) and _word(t, fact.answer) for t in texts), fact
+    assert {w.lower() for f in world.asked() for w in f.subject.split()} <= words  # the other facts are there
+
+
+def test_unknown_questions_ask_about_other_entities(built):
+    _, data = built
+    records = data["eval_unknown"]
+    assert records == unknown_questions(0) and len(records) == 60
+    for r in records:
+        assert set(r) == {"question", "answer", "subject", "relation"} and r["answer"] == REFUSAL
+        kind = "town" if len(r["subject"].split()) == 1 else "person"
+        assert r["relation"] in KIND_RELATIONS[kind]
+        assert r["question"] in [q.format(s=r["subject"]) for q in QUESTIONS[r["relation"]]]
+    assert {r["relation"] for r in records} == set(QUESTIONS)
+    eval_words = {w.lower() for r in records for w in r["subject"].split()}
+    pair_words = {w.lower() for _, name in unknown_entities(0, N_UNKNOWN) for w in name.split()}
+    assert not eval_words & pair_words and not eval_words & WORLD_NAMES
+    assert not eval_words & _words(m["content"] for r in data["dpo"] for m in r["chosen"] + r["rejected"])
+    texts = [r["text"] for r in data["pretrain"]] + [m["content"] for r in data["sft"] for m in r["conversations"]]
+    seen = _words(texts)
+    assert not eval_words & seen and not pair_words & seen, "an unknown name appears in the pretraining or SFT text"
+    assert unknown_questions(1) != records
 
 
 def _write(tmp_path, content: bytes, name="data.jsonl") -> Path:

@@ -1,6 +1,6 @@
 """The evaluation module (zer02llm.evaluate): strict scoring, baselines against a brute-force count, the probe, the
 story checker against the generator's own stories and single-word corruptions, and batched generation against
-one prompt at a time."""
+one prompt at a time, and the refusal that questions about unknown entities call for."""
 import json
 import random
 import re
@@ -12,15 +12,16 @@ import torch
 from zer02llm import evaluate
 from zer02llm.config import LLMconfig
 from zer02llm.corpus import (BOYS, COLORS, GIRLS, PLACES, REPLIES, STATEMENTS, THINGS, JsonlError, eval_sets, make_story,
-                             make_world)
-from zer02llm.evaluate import (CANDIDATES, answer_accuracy, baselines, check_statements, chat_prompt, first_sentence,
-                               greedy_replies, is_correct, probe_accuracy, probe_items, read_questions, sample_replies,
-                               story_consistency, story_problems)
+                             make_world, unknown_questions)
+from zer02llm.evaluate import (CANDIDATES, REFUSAL, answer_accuracy, baselines, check_statements, chat_prompt,
+                               first_sentence, greedy_replies, hallucination_rate, is_correct, is_refusal, probe_accuracy,
+                               probe_items, read_questions, sample_replies, story_consistency, story_problems)
 from zer02llm.model import LLM
 from zer02llm.tokenizer import load_tokenizer
 
 WORLD = make_world(0)
 BRISCO = {"question": "What is Brisco famous for?", "answer": "cheese", "subject": "Brisco", "relation": "food"}
+UNKNOWN = unknown_questions(0)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,7 @@ def small(tok):
     ("Brisco is famous for its honey.", False),
     ("Brisco is famous for its cheeses.", False),  # whole words only
     ("cheese", False),  # no subject
+    ("I can not answer that.", False),  # a refusal knows nothing
     ("", False),
 ])
 def test_strict_scoring(reply, correct):
@@ -53,6 +55,46 @@ def test_records_without_subject_or_relation_are_scored_on_what_they_have():
     assert is_correct("It is 12.", {"question": "What is 7 plus 5?", "answer": "12"})
     assert is_correct("Pellam has cheese and honey.", {"question": "?", "answer": "cheese"})
     assert not is_correct("Pellam has cheese.", {"question": "?", "answer": "cheese", "subject": "Brisco"})
+    assert not is_correct(REFUSAL, {"question": "What is 7 plus 5?", "answer": "12"})
+
+
+@pytest.mark.parametrize("reply, refusal", [
+    ("I can not answer that.", True),
+    ("  I can not answer that. Barvel lies on the river Sora.", True),  # only the first sentence counts
+    ("Barvel lies on the river Sora. I can not answer that.", False),
+    ("Barvel lies on the river Sora.", False),
+    ("I can not answer that", False),  # the whole sentence, with its full stop
+    ("I can not answer.", False),
+    ("i can not answer that.", False),
+    ("", False),
+])
+def test_is_refusal(reply, refusal):
+    assert REFUSAL == "I can not answer that." and is_refusal(reply) is refusal
+
+
+def test_a_question_about_an_unknown_entity_is_answered_by_the_refusal_only():
+    record = UNKNOWN[0]
+    invented = REPLIES[record["relation"]].format(s=record["subject"], a=CANDIDATES[record["relation"]][0])
+    assert is_correct(REFUSAL, record) and not is_correct(invented, record)
+    assert not any(is_correct(REFUSAL, r) for r in eval_sets(WORLD)["eval"])
+
+
+def test_hallucination_rate_counts_the_replies_that_are_not_the_refusal(monkeypatch, tok, small):
+    records = UNKNOWN[:5]
+    invented = REPLIES[records[1]["relation"]].format(s=records[1]["subject"], a=CANDIDATES[records[1]["relation"]][0])
+    replies = [REFUSAL, invented, REFUSAL + " " + invented, "", "I can not answer"]
+    asked = []
+
+    def fake(model, tokenizer, prompts, max_new_tokens=24):
+        asked.extend(prompts)
+        return replies
+
+    monkeypatch.setattr(evaluate, "greedy_replies", fake)
+    assert hallucination_rate(small, tok, records) == pytest.approx(3 / 5)
+    assert asked == [chat_prompt(tok, r["question"]) for r in records]  # one batch, one chat turn per question
+    assert answer_accuracy(small, tok, records).accuracy["all"] == pytest.approx(2 / 5)  # the same replies
+    with pytest.raises(ValueError, match="at least one question"):
+        hallucination_rate(small, tok, [])
 
 
 def test_first_sentence():
@@ -115,6 +157,7 @@ def test_batched_generation_equals_one_prompt_at_a_time(tok, small):
 def test_untrained_model_knows_nothing(tok, small):
     assert probe_accuracy(small, tok, probe_items(WORLD)[:60])["all"] < 0.1
     assert answer_accuracy(small, tok, eval_sets(WORLD)["eval"][:20]).accuracy["all"] == 0
+    assert hallucination_rate(small, tok, UNKNOWN[:20]) == 1  # it never says the refusal either
 
 
 def test_every_generated_story_is_consistent():

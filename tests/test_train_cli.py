@@ -123,7 +123,8 @@ def test_sft_scores_the_held_out_questions_at_each_validation(corpus, pretrained
             "--max_steps", "3"]
     assert main([str(a) for a in args]) == 0  # the question files beside the data are found
     vals = [line for line in capsys.readouterr().out.splitlines() if "val loss" in line]
-    assert len(vals) == 2 and all(re.search(r"\| eval_facts \d+\.\d% \| eval_entities \d+\.\d%$", v) for v in vals), vals
+    assert len(vals) == 2 and all(re.search(r"\| eval_facts \d+\.\d% \| eval_entities \d+\.\d% \| hallucination \d+\.\d%$", v)
+                                  for v in vals), vals
     assert main([str(a) for a in args + ["--eval_files", "none"]]) == 0
     assert "eval_facts" not in capsys.readouterr().out
     own = tmp_path / "mine.jsonl"
@@ -192,7 +193,7 @@ def test_default_data_path_is_generated_when_missing(tmp_path, monkeypatch):
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("argv", [["--dtype", "float8"], ["--mode", "dpo"], ["--batch_size", "many"]])
+@pytest.mark.parametrize("argv", [["--dtype", "float8"], ["--mode", "ppo"], ["--batch_size", "many"]])
 def test_unknown_flag_values_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -559,3 +560,76 @@ def test_wandb_disabled_by_the_environment(corpus, tmp_path):
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (tmp_path / "wandb").exists() and "Run summary" not in proc.stdout + proc.stderr
+
+
+# ---- DPO (chapter 12) ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def fine_tuned(corpus, pretrained, tmp_path_factory):
+    """A tiny SFT model (the start of DPO), in its own out folder beside a copy of the pretrained one."""
+    work = tmp_path_factory.mktemp("sft")
+    args = ["--mode", "sft", "--init_from", pretrained, "--data_path", corpus["sft"], "--out_dir", work, *TINY,
+            "--max_steps", "4", "--eval_files", "none"]
+    assert main([str(a) for a in args]) == 0
+    return work / "sft_32.pth"
+
+
+def test_dpo_mode_trains_the_policy_from_the_sft_checkpoint(corpus, fine_tuned, capsys):
+    out = fine_tuned.parent
+    args = ["--mode", "dpo", "--out_dir", out, "--data_path", corpus["dpo"], *TINY, "--max_steps", "3"]
+    assert main([str(a) for a in args]) == 0  # finds out/sft_32.pth from --dim
+    printed = capsys.readouterr().out
+    assert f"starting from {fine_tuned}" in printed and "training pairs of up to 64 tokens" in printed
+    vals = [line for line in printed.splitlines() if "val loss" in line]
+    assert vals and all(re.search(r"\| eval_facts \d+\.\d% \| eval_entities \d+\.\d% \| hallucination \d+\.\d%$", v)
+                        for v in vals), vals
+    policy = torch.load(out / "dpo_32.pth", weights_only=True)["model"]
+    sft = torch.load(fine_tuned, weights_only=True)["model"]
+    assert set(policy) == set(sft) and any(not torch.equal(policy[k], sft[k]) for k in sft)  # the policy alone
+
+
+def test_dpo_with_lora_and_bad_dpo_flags(corpus, fine_tuned, tmp_path, capsys):
+    args = ["--mode", "dpo", "--init_from", fine_tuned, "--out_dir", tmp_path, "--data_path", corpus["dpo"], *TINY,
+            "--max_steps", "2", "--lora_rank", "4", "--eval_files", "none"]
+    assert main([str(a) for a in args]) == 0
+    adapter = torch.load(tmp_path / "dpo_32_lora.pth", weights_only=True)
+    assert adapter["lora"]["rank"] == 4 and adapter["meta"]["base"] == str(fine_tuned)
+    assert set(torch.load(tmp_path / "dpo_32.pth", weights_only=True)["model"]) == set(
+        torch.load(fine_tuned, weights_only=True)["model"])  # merged: a plain model again
+    capsys.readouterr()
+    assert "--dpo_beta must be > 0" in error_of(args + ["--dpo_beta", "0"], capsys)
+    assert "--dpo_beta must be > 0" in error_of(args + ["--dpo_alpha", "nan"], capsys)
+    assert "--mode dpo starts from a --mode sft checkpoint" in error_of(
+        ["--mode", "dpo", "--out_dir", tmp_path / "empty", "--data_path", corpus["dpo"], *TINY], capsys)
+
+
+def test_dpo_kill_and_resume_reproduces_the_losses(corpus, fine_tuned, tmp_path):
+    args = [SCRIPT, "--mode", "dpo", "--init_from", fine_tuned, "--data_path", corpus["dpo"], *TINY, "--dropout", "0.1",
+            "--max_steps", "12", "--save_interval", "4", "--eval_files", "none"]
+    for name in ("straight", "killed"):
+        (tmp_path / name).mkdir()
+    straight = log_lines(cli(*args, cwd=tmp_path / "straight").stdout)
+    victim = subprocess.Popen([sys.executable, *map(str, args)], cwd=tmp_path / "killed", env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in victim.stdout:
+        if re.match(r"step\s+6/12 \| epoch", line):  # the save after step 4 is on disk
+            victim.send_signal(signal.SIGKILL)
+            break
+    victim.wait(timeout=60)
+    resumed = cli(*args, "--resume", cwd=tmp_path / "killed")
+    assert "resumed from out/dpo_32_resume.pth at step 4" in resumed.stdout
+    step_of = lambda line: int(re.match(r"step\s+(\d+)", line).group(1))
+    assert [line for line in log_lines(resumed.stdout) if step_of(line) > 4] == [
+        line for line in straight if step_of(line) > 4]
+
+
+def test_dpo_under_torchrun_two_processes(corpus, fine_tuned, tmp_path):
+    """DDP around the preference objective: the frozen reference has no gradient to reduce; one checkpoint."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**ENV, "PET_MASTER_PORT": str(free_port())}
+    proc = subprocess.run([str(torchrun), "--nproc_per_node=2", str(SCRIPT), "--ddp", "--mode", "dpo", "--init_from",
+                           str(fine_tuned), "--data_path", str(corpus["dpo"]), *TINY, "--max_steps", "2",
+                           "--eval_files", "none"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es) on cpu" in proc.stdout and proc.stdout.count("saved out/dpo_32.pth") == 1
+    state = torch.load(tmp_path / "out" / "dpo_32_resume.pth", weights_only=True)
+    assert state["world_size"] == 2 and state["step"] == 2

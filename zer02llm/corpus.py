@@ -5,13 +5,14 @@
 # %% auto #0
 __all__ = ['TOWNS', 'RIVERS', 'LANDS', 'FOODS', 'FIRST_NAMES', 'LAST_NAMES', 'JOBS', 'N_PEOPLE', 'HELD_OUT_PEOPLE', 'HELD_OUT',
            'STATEMENTS', 'QUESTIONS', 'REPLIES', 'GIRLS', 'BOYS', 'THINGS', 'COLORS', 'PLACES', 'STORY_PLOTS',
-           'IDENTITY_QUESTIONS', 'IDENTITY_REPLIES', 'SYSTEM_PROMPTS', 'DEFAULT_SIZE_MB', 'SFT_SHARE', 'FILES', 'ROLES',
-           'HUB_SOURCES', 'STORY_SEPARATOR', 'Fact', 'World', 'make_world', 'state', 'ask', 'reply', 'town_page',
-           'person_page', 'question_page', 'make_story', 'arithmetic', 'math_page', 'sft_conversation',
-           'questions_about', 'eval_sets', 'pretrain_records', 'sft_records', 'take_bytes', 'write_jsonl',
-           'builtin_records', 'write_builtin_dataset', 'JsonlError', 'JsonlLine', 'check_text', 'check_messages',
-           'check_conversation', 'iter_jsonl', 'hub_download', 'read_stories', 'story_to_conversation',
-           'convert_tinystories', 'convert_minimind', 'download_dataset', 'main']
+           'IDENTITY_QUESTIONS', 'IDENTITY_REPLIES', 'SYSTEM_PROMPTS', 'REFUSAL', 'CANDIDATES', 'KIND_RELATIONS',
+           'N_UNKNOWN', 'N_EVAL_UNKNOWN', 'DEFAULT_SIZE_MB', 'SFT_SHARE', 'FILES', 'ROLES', 'HUB_SOURCES',
+           'STORY_SEPARATOR', 'Fact', 'World', 'make_world', 'state', 'ask', 'reply', 'town_page', 'person_page',
+           'question_page', 'make_story', 'arithmetic', 'math_page', 'sft_conversation', 'questions_about', 'eval_sets',
+           'unknown_entities', 'preference_records', 'unknown_questions', 'pretrain_records', 'sft_records',
+           'take_bytes', 'write_jsonl', 'builtin_records', 'write_builtin_dataset', 'JsonlError', 'JsonlLine',
+           'check_text', 'check_messages', 'check_conversation', 'iter_jsonl', 'hub_download', 'read_stories',
+           'story_to_conversation', 'convert_tinystories', 'convert_minimind', 'download_dataset', 'main']
 
 # %% ../notebooks/07a_corpus.ipynb #imports
 import argparse
@@ -331,11 +332,93 @@ def eval_sets(world: World) -> dict[str, list[dict[str, str]]]:
     return {"eval": questions_about(world.held_out),
             "eval_entities": questions_about(f for f in world.facts if world.about_held_out_entity(f))}
 
+# %% ../notebooks/07a_corpus.ipynb #unknown
+REFUSAL = "I can not answer that."  # whole tokens of the shipped tokenizer ("don't" and "know" are not)
+CANDIDATES = {"river": RIVERS, "land": LANDS, "food": FOODS, "job": JOBS, "home": TOWNS}  # each relation's answers
+KIND_RELATIONS = {"town": ["river", "land", "food"], "person": ["job", "home"]}
+N_UNKNOWN = 100  # unknown entities that the preference pairs ask about (half towns, half people)
+N_EVAL_UNKNOWN = 24  # other unknown entities, one question per relation: 12 x 3 + 12 x 2 = 60 questions
+_STARTS = ["Bar", "Quel", "Mor", "Vask", "Tib", "Grel", "Osk", "Pim", "Drus", "Yel", "Cas", "Nob", "Wim", "Zal",
+           "Hask", "Fim", "Lum", "Rov", "Sib", "Tov", "Bex", "Crom", "Dav", "Glim", "Jav", "Kest", "Mab", "Nir", "Prel",
+           "Ruv", "Ulm", "Vor", "Welk", "Yab", "Zim", "Thel", "Brum", "Calv", "Dorm", "Eld"]
+_MIDDLES = ["", "a", "e", "i", "o"]
+_ENDINGS = {"town": ["vel", "mire", "wick", "stead", "holm", "ford", "mouth", "gate", "moor", "wold", "thorpe", "bury",
+                     "ham", "burn", "wyn"],
+            "first": ["ric", "wen", "mund", "dred", "lin", "ra", "na", "da", "win", "bel"],
+            "last": ["worth", "ridge", "well", "croft", "mont", "field", "man", "son", "ley", "wood"]}
+
+
+def _corpus_words() -> set[str]:
+    """Every word (lower-cased) of the world's word lists and templates: no unknown name may be one of them."""
+    texts = [TOWNS, RIVERS, LANDS, FOODS, FIRST_NAMES, LAST_NAMES, JOBS, GIRLS, BOYS, THINGS, COLORS, PLACES,
+             STATEMENTS, QUESTIONS, REPLIES, STORY_PLOTS, IDENTITY_QUESTIONS, IDENTITY_REPLIES, SYSTEM_PROMPTS]
+    return {w.lower() for w in re.findall(r"[A-Za-z]+", json.dumps(texts))}
+
+
+def _draw_unknown(rng: random.Random, n: int, avoid: set[str] = frozenset()) -> list[tuple[str, str]]:
+    """n unknown entities, towns and people in turn, no word used twice or taken from `avoid`."""
+    taken, pools, out = _corpus_words() | {w.lower() for w in avoid}, {}, []
+    for pool, endings in _ENDINGS.items():
+        names = [s + m + e for s in _STARTS for m in _MIDDLES for e in endings]
+        pools[pool] = iter(rng.sample(names, len(names)))
+
+    def fresh(pool: str) -> str:
+        name = next((w for w in pools[pool] if w.lower() not in taken), None)
+        if name is None:
+            raise ValueError(f"ran out of unknown {pool} names after {len(out)} entities: ask for fewer than {n}")
+        taken.add(name.lower())
+        return name
+
+    for i in range(n):
+        out.append(("town", fresh("town")) if i % 2 == 0 else ("person", f"{fresh('first')} {fresh('last')}"))
+    return out
+
+
+def unknown_entities(seed: int, n: int) -> list[tuple[str, str]]:
+    """(kind, name) of n towns and people (in turn) that are not in the world: syllable names that are no word of the
+    corpus. Seeded; a list is the start of any longer one of the same seed; other seeds draw (mostly) other names."""
+    return _draw_unknown(random.Random(f"zer02llm-unknown-{seed}"), n)
+
+
+def _pair(question: str, chosen: str, rejected: str) -> dict:
+    user = {"role": "user", "content": question}
+    return {"chosen": [user, {"role": "assistant", "content": chosen}],
+            "rejected": [dict(user), {"role": "assistant", "content": rejected}]}
+
+
+def preference_records(world: World, seed: int, n_pairs: int = 4000) -> Iterator[dict]:
+    """n_pairs seeded preference pairs, half about unknown entities (chosen: REFUSAL, rejected: an invented fact),
+    half about facts that may be asked (chosen: the right reply, rejected: a wrong answer or REFUSAL)."""
+    rng = random.Random(f"zer02llm-dpo-{seed}")
+    unknown, asked = unknown_entities(seed, N_UNKNOWN), world.asked()
+    about_unknown = [True] * (n_pairs // 2) + [False] * (n_pairs - n_pairs // 2)
+    rng.shuffle(about_unknown)
+    for is_unknown in about_unknown:
+        if is_unknown:
+            kind, name = rng.choice(unknown)
+            relation = rng.choice(KIND_RELATIONS[kind])
+            invented = REPLIES[relation].format(s=name, a=rng.choice(CANDIDATES[relation]))
+            yield _pair(rng.choice(QUESTIONS[relation]).format(s=name), REFUSAL, invented)
+        else:
+            fact = rng.choice(asked)
+            wrong = Fact(fact.subject, fact.relation, rng.choice([a for a in CANDIDATES[fact.relation]
+                                                                  if a != fact.answer]))
+            yield _pair(ask(fact, rng), reply(fact), reply(wrong) if rng.random() < 0.5 else REFUSAL)
+
+
+def unknown_questions(seed: int) -> list[dict[str, str]]:
+    """The "eval_unknown" questions: one per relation about each of N_EVAL_UNKNOWN other unknown entities (their own
+    stream, and no word of a name that the preference pairs use); the right answer is REFUSAL."""
+    rng = random.Random(f"zer02llm-unknown-eval-{seed}")
+    in_pairs = {w for _, name in unknown_entities(seed, N_UNKNOWN) for w in name.split()}
+    return [{"question": rng.choice(QUESTIONS[rel]).format(s=name), "answer": REFUSAL, "subject": name, "relation": rel}
+            for kind, name in _draw_unknown(rng, N_EVAL_UNKNOWN, avoid=in_pairs) for rel in KIND_RELATIONS[kind]]
+
 # %% ../notebooks/07a_corpus.ipynb #write
 DEFAULT_SIZE_MB = 4.0
 SFT_SHARE = 0.25
-FILES = {"pretrain": "pretrain_hq.jsonl", "sft": "sft_data.jsonl", "eval": "eval_facts.jsonl",
-         "eval_entities": "eval_entities.jsonl"}
+FILES = {"pretrain": "pretrain_hq.jsonl", "sft": "sft_data.jsonl", "dpo": "dpo_data.jsonl", "eval": "eval_facts.jsonl",
+         "eval_entities": "eval_entities.jsonl", "eval_unknown": "eval_unknown.jsonl"}
 
 
 def _json_line(record: dict) -> str:
@@ -412,8 +495,10 @@ def builtin_records(seed: int = 0, size_mb: float = DEFAULT_SIZE_MB) -> dict[str
 
 def write_builtin_dataset(out_dir: str | os.PathLike = "dataset", seed: int = 0,
                           size_mb: float = DEFAULT_SIZE_MB) -> dict[str, Path]:
-    """Write the tiny world's pretraining, SFT and evaluation files; return their paths by the keys of `FILES`."""
-    out, records = _check_out_dir(out_dir), {**builtin_records(seed, size_mb), **eval_sets(make_world(seed))}
+    """Write the tiny world's pretraining, SFT, preference and evaluation files; return their paths by the keys of
+    `FILES`. The preference pairs and the unknown-entity questions do not depend on `size_mb`."""
+    out, records, world = _check_out_dir(out_dir), builtin_records(seed, size_mb), make_world(seed)
+    records |= {"dpo": preference_records(world, seed), **eval_sets(world), "eval_unknown": unknown_questions(seed)}
     return {key: write_jsonl(out / name, records[key]) for key, name in FILES.items()}
 
 # %% ../notebooks/07a_corpus.ipynb #read

@@ -36,7 +36,8 @@ from tqdm import tqdm
 from .config import LLMconfig
 from .corpus import FILES, write_builtin_dataset
 from .data import PretrainDataset, SFTDataset
-from .evaluate import answer_accuracy, read_questions
+from .dpo import DPODataset, DPOObjective
+from .evaluate import answer_accuracy, hallucination_rate, read_questions
 from .fast import compile_model
 from .lora import apply_lora, merge_lora, save_lora
 from .model import LLM
@@ -63,19 +64,20 @@ RUNTIME_FLAGS = ("max_seq_len", "dropout", "flash_attn")  # may differ between p
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python zer02llm/train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Pretrain or fine-tune (full SFT or LoRA) a Zer02LLM model on one process or many "
-                    "(torchrun ... --ddp).",
+        description="Pretrain, fine-tune (full SFT or LoRA) or preference-tune (DPO) a Zer02LLM model on one "
+                    "process or many (torchrun ... --ddp).",
         epilog="Multi-node: torchrun --nnodes=2 --node_rank=0|1 --nproc_per_node=8 --master_addr=HOST0 "
                "--master_port=29500 zer02llm/train.py --ddp ...")
     switch = {"type": str2bool, "nargs": "?", "const": True, "metavar": "BOOL"}
     g = p.add_argument_group("run")
-    g.add_argument("--mode", choices=["pretrain", "sft"], default="pretrain")
+    g.add_argument("--mode", choices=["pretrain", "sft", "dpo"], default="pretrain")
     g.add_argument("--data_path", default=None,
-                   help="JSONL file (default: dataset/pretrain_hq.jsonl or dataset/sft_data.jsonl; "
-                        "the built-in corpus is generated there if missing)")
+                   help="JSONL file (default: dataset/pretrain_hq.jsonl, dataset/sft_data.jsonl or "
+                        "dataset/dpo_data.jsonl; the built-in corpus is generated there if missing)")
     g.add_argument("--out_dir", default="out", help="checkpoints: OUT_DIR/<mode>_<dim>[_moe].pth and its _resume.pth")
     g.add_argument("--init_from", default=None,
-                   help="sft: checkpoint to start from (default OUT_DIR/pretrain_<dim>[_moe].pth)")
+                   help="sft: checkpoint to start from (default OUT_DIR/pretrain_<dim>[_moe].pth); dpo: default "
+                        "OUT_DIR/sft_<dim>[_moe].pth")
     g.add_argument("--resume", default=False, **switch,
                    help="continue from the resume state in OUT_DIR if there is one (automatic when torchrun "
                         "--max-restarts restarts the workers)")
@@ -115,7 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use_moe", default=None, **switch, help="mixture-of-experts feed-forward layers (default false)")
     g.add_argument("--n_routed_experts", type=int, default=None, help="(default 4)")
     g.add_argument("--num_experts_per_tok", type=int, default=None, help="(default 2)")
-    g = p.add_argument_group("LoRA (sft only)")
+    g = p.add_argument_group("DPO (dpo only; chapter 12)")
+    g.add_argument("--dpo_beta", type=float, default=0.1,
+                   help="beta: how far the policy may move from the reference (larger = closer)")
+    g.add_argument("--dpo_alpha", type=float, default=1.0,
+                   help="weight of the chosen replies' LM loss added to the DPO loss (0 = plain DPO)")
+    g = p.add_argument_group("LoRA (sft and dpo)")
     g.add_argument("--lora_rank", type=int, default=0,
                    help="> 0: train a LoRA adapter of this rank instead of every weight")
     g.add_argument("--lora_alpha", type=float, default=16.0)
@@ -205,7 +212,7 @@ def resolve_data_path(mode: str, data_path: str | None) -> Path:
         if not path.is_file():
             raise FileNotFoundError(f"--data_path {path}: no such file (omit the flag to use the built-in corpus)")
         return path
-    path = Path("dataset") / FILES["pretrain" if mode == "pretrain" else "sft"]
+    path = Path("dataset") / FILES[mode]
     if not path.is_file() and is_main_process():
         print(f"{path} is missing: writing the built-in corpus to {path.parent}/", flush=True)
         write_builtin_dataset(path.parent)
@@ -216,7 +223,7 @@ def resolve_data_path(mode: str, data_path: str | None) -> Path:
 def build_datasets(mode: str, path: Path, tokenizer, max_seq_len: int, batch_size: int, world_size: int,
                    skip_bad_lines: bool = False):
     """(train, val or None): rank 0 tokenizes first (the cache), then the others; the last 1 % is validation."""
-    kind = PretrainDataset if mode == "pretrain" else SFTDataset
+    kind = {"pretrain": PretrainDataset, "sft": SFTDataset, "dpo": DPODataset}[mode]
     if is_main_process():
         data = kind(path, tokenizer, max_seq_len, skip_bad_lines=skip_bad_lines)
     barrier()
@@ -229,10 +236,13 @@ def build_datasets(mode: str, path: Path, tokenizer, max_seq_len: int, batch_siz
 
 
 def question_metrics(mode: str, eval_files: str | None, data_path: Path, tokenizer) -> dict:
-    """SFT: one metric per question file, the share of its questions answered correctly (chapter 07d's strict
-    scoring). The files are read here, before training, so a bad line stops the run at once."""
-    if mode != "sft" or eval_files == "none":
+    """SFT and DPO: one metric per question file, the share of its questions answered correctly (chapter 07d's
+    strict scoring), and by default also `hallucination`, the share of questions about towns and people that do not
+    exist answered with an invented fact (eval_unknown.jsonl, chapter 12). The files are read here, before
+    training, so a bad line stops the run at once."""
+    if mode == "pretrain" or eval_files == "none":
         return {}
+    unknown = None
     if eval_files:
         paths = [Path(f.strip()) for f in eval_files.split(",") if f.strip()]
         for path in paths:
@@ -241,9 +251,14 @@ def question_metrics(mode: str, eval_files: str | None, data_path: Path, tokeniz
     else:
         paths = [data_path.parent / FILES[key] for key in ("eval", "eval_entities")]
         paths = [path for path in paths if path.is_file()]
+        unknown = data_path.parent / FILES["eval_unknown"]
     questions = {path.stem: read_questions(path) for path in paths}
-    return {name: lambda model, q=q: answer_accuracy(model, tokenizer, q).accuracy["all"]
-            for name, q in questions.items()}
+    metrics = {name: lambda model, q=q: answer_accuracy(model, tokenizer, q).accuracy["all"]
+               for name, q in questions.items()}
+    if unknown is not None and unknown.is_file():
+        fake = read_questions(unknown)
+        metrics["hallucination"] = lambda model: hallucination_rate(model, tokenizer, fake)
+    return metrics
 
 # %% ../notebooks/10_ddp.ipynb #model
 DEFAULT_DIM = 512
@@ -255,18 +270,19 @@ def build_model(args, tokenizer) -> tuple[LLM, Path | None]:
     if args.mode == "pretrain":
         config = LLMconfig(vocab_size=tokenizer.vocab_size, **{"dim": DEFAULT_DIM, **given})
         return LLM(config), None
+    before = "pretrain" if args.mode == "sft" else "sft"  # the stage each mode starts from
     init = Path(args.init_from) if args.init_from else checkpoint_path(
-        args.out_dir, "pretrain", args.dim or DEFAULT_DIM, bool(args.use_moe))
+        args.out_dir, before, args.dim or DEFAULT_DIM, bool(args.use_moe))
     if not init.is_file():
-        raise FileNotFoundError(f"SFT starts from a pretrained checkpoint, and {init} does not exist: run "
-                                f"--mode pretrain with the same model flags first, or pass --init_from PATH")
+        raise FileNotFoundError(f"--mode {args.mode} starts from a --mode {before} checkpoint, and {init} does not "
+                                f"exist: run --mode {before} with the same model flags first, or pass --init_from PATH")
     base = LLM.from_checkpoint(init)  # clear errors for corrupt or foreign files
     saved = base.config.to_dict()
     wrong = {k: (v, saved[k]) for k, v in given.items() if k in ARCH_FLAGS and saved[k] != v}
     if wrong:
         raise ValueError(f"{init} is a different model than the flags ask for: "
                          + ", ".join(f"--{k} {v} but the checkpoint has {s}" for k, (v, s) in wrong.items())
-                         + "; drop those flags (SFT takes the architecture from the checkpoint) "
+                         + f"; drop those flags ({args.mode} takes the architecture from the checkpoint) "
                            "or pick another --init_from")
     if base.config.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"{init} has a vocabulary of {base.config.vocab_size} tokens but the tokenizer has "
@@ -390,10 +406,14 @@ def data_id(path: Path) -> str:
 
 def run(args) -> dict:
     """Train as the flags say; returns {"checkpoint", "steps", "history"} (on every rank)."""
-    if args.lora_rank and args.mode != "sft":
-        raise ValueError("--lora_rank needs --mode sft (LoRA adapts a pretrained model)")
+    if args.lora_rank and args.mode == "pretrain":
+        raise ValueError("--lora_rank needs --mode sft or dpo (LoRA adapts a trained model)")
     if args.lora_rank < 0:
         raise ValueError(f"--lora_rank must be >= 0, got {args.lora_rank}")
+    if not (math.isfinite(args.dpo_beta) and args.dpo_beta > 0 and math.isfinite(args.dpo_alpha)
+            and args.dpo_alpha >= 0):
+        raise ValueError(f"--dpo_beta must be > 0 and --dpo_alpha >= 0 (finite), got {args.dpo_beta} and "
+                         f"{args.dpo_alpha}")
     in_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if in_torchrun and not args.ddp:
         raise ValueError(f"started by torchrun with WORLD_SIZE={os.environ['WORLD_SIZE']} but without --ddp: add --ddp "
@@ -415,6 +435,7 @@ def run(args) -> dict:
     seed_everything(args.seed)
     tokenizer = load_tokenizer()
     model, init = build_model(args, tokenizer)
+    reference = copy.deepcopy(model) if args.mode == "dpo" else None  # DPO's frozen reference: the SFT model
     if args.lora_rank:
         apply_lora(model, args.lora_rank, args.lora_alpha,
                    [t.strip() for t in args.lora_targets.split(",") if t.strip()])
@@ -428,16 +449,21 @@ def run(args) -> dict:
     metrics = question_metrics(args.mode, args.eval_files, data_path, tokenizer)
     if args.compile:  # one entry point for torch.compile (chapter 11); saving still sees the plain modules
         compile_model(model, decode=False)
+    dpo = args.mode == "dpo"  # the Trainer then optimises the preference objective around the model (chapter 12)
+    trained = DPOObjective(model, reference, beta=args.dpo_beta, nll_alpha=args.dpo_alpha) if dpo else model
+    if dpo:  # the metrics ask the policy, not the pair of models
+        metrics = {name: (lambda m, f=f: f(m.policy)) for name, f in metrics.items()}
     ckpt = checkpoint_path(args.out_dir, args.mode, model.config.dim, model.config.use_moe)
-    save_model = None
+    save_model = (lambda m, path: m.policy.save_checkpoint(path)) if dpo else None  # the policy, not the pair
     if args.lora_rank:
         adapter = ckpt.with_name(f"{ckpt.stem}_lora.pth")
         if main_process:
             remove_stale_temps(adapter)  # the Trainer does the same for the checkpoint and the resume state
 
         def save_model(m, path):  # the adapter alone, and the merged model that chat/export load
-            save_lora(m, adapter, base=str(init))
-            merge_lora(copy.deepcopy(m)).save_checkpoint(path)
+            policy = m.policy if dpo else m
+            save_lora(policy, adapter, base=str(init))
+            merge_lora(copy.deepcopy(policy)).save_checkpoint(path)
 
     wandb_run, expert_load = None, None
 
@@ -447,8 +473,9 @@ def run(args) -> dict:
             load = expert_load.read() if expert_load is not None and "lm_loss" in record else {}
             wandb_run.log({**record, **load}, step=record["step"])
 
-    trainer = Trainer(model, train_data, cfg, val_data=val_data, device=device, ckpt_path=ckpt, save_model=save_model,
-                      log=log, progress=True, metrics=metrics, data_id=data_id(data_path))
+    trainer = Trainer(trained, train_data, cfg, val_data=val_data, device=device, ckpt_path=ckpt,
+                      save_model=save_model, log=log, progress=True, metrics=metrics, data_id=data_id(data_path),
+                      items=DPODataset.items if dpo else None)
     if args.resume or restart:
         why = f"torchrun restart {restart}" if restart else "--resume"
         if trainer.resume():
@@ -457,7 +484,8 @@ def run(args) -> dict:
             say(f"{why}: no {resume_path(ckpt)} yet, starting from the beginning")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"{args.mode}: {model.num_parameters() / 1e6:.2f} M parameters ({trainable / 1e6:.2f} M trained), "
-        f"{len(train_data)} training examples of {'up to ' if args.mode == 'sft' else ''}{seq_len} tokens, "
+        f"{len(train_data)} training {'pairs' if dpo else 'examples'} of {'' if args.mode == 'pretrain' else 'up to '}"
+        f"{seq_len} tokens, "
         f"{world_size} process(es) on {device.type}, "
         f"{cfg.dtype}, {trainer.total_steps} optimizer steps of {cfg.batch_size * cfg.accumulation_steps * world_size} "
         f"examples" + (f", starting from {init}" if init else ""))

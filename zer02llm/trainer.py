@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['DTYPES', 'RESUME_STATE', 'RESUME_KEYS', 'param_groups', 'configure_optimizer', 'get_lr', 'default_dtype',
            'autocast_context', 'make_grad_scaler', 'checkpoint_path', 'resume_path', 'split_train_val', 'rng_state',
-           'set_rng_state', 'TrainConfig', 'Trainer']
+           'set_rng_state', 'TrainConfig', 'labelled_tokens', 'Trainer']
 
 # %% ../notebooks/08_pretrain.ipynb #optimizer
 import math
@@ -165,6 +165,11 @@ class TrainConfig:
             raise ValueError(f"max_steps must be at least 1 (or None for whole epochs), got {self.max_steps}")
 
 # %% ../notebooks/08_pretrain.ipynb #trainer
+def labelled_tokens(batch: tuple) -> int:
+    """The tokens a batch's LM loss counts: labels other than -100, after the shift (position t predicts t + 1)."""
+    return int((batch[1][:, 1:] != IGNORE_INDEX).sum())
+
+
 RESUME_STATE = {"model", "optimizer", "scaler", "step", "epoch", "batch_in_epoch", "rng", "history", "train_config",
                 "world_size", "model_config"}  # the keys every resume state has
 RESUME_KEYS = ("seed", "batch_size", "accumulation_steps", "epochs", "max_steps")  # a resume must keep these
@@ -179,8 +184,10 @@ class Trainer:
                  device: str | torch.device = "cpu", ckpt_path: str | os.PathLike | None = None,
                  save_model: Callable[[nn.Module, Path], object] | None = None,
                  log: Callable[[dict], None] | None = None, progress: bool = False,
-                 metrics: dict[str, Callable[[nn.Module], float]] | None = None, data_id: str | None = None):
+                 metrics: dict[str, Callable[[nn.Module], float]] | None = None, data_id: str | None = None,
+                 items: Callable[[tuple], int] | None = None):
         self.cfg, self.device = cfg, torch.device(device)
+        self.items = items or labelled_tokens  # what the loss is a mean over (DPO, chapter 12: preference pairs)
         self.data_id = data_id  # names the training data in the resume state (train.py: the file and its size)
         self.extra: dict = {}  # the caller's own values, kept in the resume state (train.py: the wandb run id)
         self.train_data, self.val_data = train_data, val_data
@@ -266,7 +273,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         micro = [next(batches) for _ in range(k)]
-        counts = torch.tensor([sum(int((b[1][:, 1:] != IGNORE_INDEX).sum()) for b in micro),  # labelled tokens
+        counts = torch.tensor([sum(self.items(b) for b in micro),  # labelled tokens (or the objective's items)
                                sum(b[0].numel() if len(b) == 2 else int(b[2].sum()) for b in micro)],  # real tokens
                               device=self.device)  # int64: every backend (and MPS) reduces it
         if self.ddp:
@@ -318,7 +325,7 @@ class Trainer:
             x, y, mask = self._on_device(batch)
             with self.amp:
                 out = self.raw_model(x, labels=y, attention_mask=mask, num_items_in_batch=1)  # the sum
-            total += torch.stack([out.lm_loss.float(), (y[:, 1:] != IGNORE_INDEX).sum().float()])
+            total += torch.stack([out.lm_loss.float(), torch.tensor(float(self.items(batch)), device=self.device)])
         if self.ddp:
             dist.all_reduce(total)
         self.raw_model.train()
