@@ -70,19 +70,26 @@ def get(run: NotebookRun, name: str, kind: str = "function") -> Any:
     return run.ns[name]
 
 
+def invoke(what: str, fn: Callable, *args, **kwargs) -> Any:
+    """Call a learner's function or method; an unfinished one (NotImplementedError) or a crash gets a plain message
+    that names it."""
+    __tracebackhide__ = True
+    try:
+        return fn(*args, **kwargs)
+    except NotImplementedError:
+        raise AssertionError(f"{what} is not implemented yet: replace `raise NotImplementedError()` in its "
+                             "cell") from None
+    except Exception as e:  # a learner's bug: say where it came from
+        raise AssertionError(f"{what} raised {type(e).__name__}: {e}") from e
+
+
 def call(run: NotebookRun, name: str, *args, **kwargs) -> Any:
-    """Call the learner's function; an unfinished exercise (NotImplementedError) gets a plain message."""
+    """Call the learner's function `name` (see `invoke`)."""
     __tracebackhide__ = True
     fn = get(run, name)
     if not callable(fn):
         raise AssertionError(f"`{name}` should be callable, got {type(fn).__name__}")
-    try:
-        return fn(*args, **kwargs)
-    except NotImplementedError:
-        raise AssertionError(f"`{name}` is not implemented yet: replace `raise NotImplementedError()` in its "
-                             "cell") from None
-    except Exception as e:  # a learner's bug: say where it came from
-        raise AssertionError(f"`{name}` raised {type(e).__name__}: {e}") from e
+    return invoke(f"`{name}`", fn, *args, **kwargs)
 
 
 def assert_close(actual: Any, expected: torch.Tensor, what: str, atol: float = 1e-5, rtol: float = 1e-5) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grading import NotebookRun, assert_close, call, name_the_mistake, same
+from grading import NotebookRun, assert_close, call, invoke, name_the_mistake, same
 from zer02llm.attention import KVCache
 from zer02llm.config import LLMconfig
 from zer02llm.generate import generate, top_p_filter
@@ -42,19 +42,6 @@ def _greedy(model: LLM, ids: torch.Tensor, n: int) -> torch.Tensor:
         for _ in range(n):
             ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return ids
-
-
-def _invoke(what: str, fn: Callable, *args, **kwargs):
-    """Call a method of the learner's object; an unfinished one (NotImplementedError) or a crash gets a plain
-    message, as `grading.call` gives for functions."""
-    __tracebackhide__ = True
-    try:
-        return fn(*args, **kwargs)
-    except NotImplementedError:
-        raise AssertionError(f"{what} is not implemented yet: replace `raise NotImplementedError()` in its "
-                             "cell") from None
-    except Exception as e:
-        raise AssertionError(f"{what} raised {type(e).__name__}: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------- A1: the block
@@ -135,7 +122,7 @@ def check_decoder_block(run: NotebookRun):
         raise AssertionError(f"the package's Block weights do not load into DecoderBlock: {e}") from None
     block.eval()
     with torch.no_grad():
-        got = _invoke("DecoderBlock.forward", block, x, cos, sin)
+        got = invoke("DecoderBlock.forward", block, x, cos, sin)
         expected = ref(x, cos, sin)[0]
         T = x.shape[1]
         causal = torch.full((T, T), float("-inf")).triu(1).expand(x.shape[0], 1, T, T)

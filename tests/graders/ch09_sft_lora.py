@@ -7,30 +7,16 @@ at the start, the scale upside down, A B instead of B A, a trainable base) are r
 Part B (beyond the chapter): rsLoRA, DoRA, LoRA on embeddings.
 """
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grading import NotebookRun, assert_close, call, get
+from grading import NotebookRun, assert_close, call, get, invoke
 from zer02llm.lora import LoRALinear
 from zer02llm.utils import seed_everything
 
 NOTEBOOK = "09_sft_lora_exercises.ipynb"
-
-
-def _invoke(what: str, fn: Callable, *args, **kwargs):
-    """Call a method of the learner's layer; an unfinished one (NotImplementedError) or a crash gets a plain
-    message, as `grading.call` gives for functions."""
-    __tracebackhide__ = True
-    try:
-        return fn(*args, **kwargs)
-    except NotImplementedError:
-        raise AssertionError(f"{what} is not implemented yet: replace `raise NotImplementedError()` in its "
-                             "cell") from None
-    except Exception as e:
-        raise AssertionError(f"{what} raised {type(e).__name__}: {e}") from e
 
 
 def _layer(run: NotebookRun, in_features: int, out_features: int, rank: int, alpha: float, seed: int):
@@ -79,7 +65,7 @@ def check_lora_init(run: NotebookRun):
     if trainable != ["lora_A", "lora_B"]:
         raise AssertionError(f"only lora_A and lora_B should be trainable, got {trainable}")
     with torch.no_grad():
-        start = _invoke("MyLoRALinear.forward", layer, x)
+        start = invoke("MyLoRALinear.forward", layer, x)
         base_out = base(x)
     if not isinstance(start, torch.Tensor) or start.shape != base_out.shape:
         raise AssertionError(f"MyLoRALinear(x) should return shape {tuple(base_out.shape)}, got "
@@ -120,7 +106,7 @@ def check_lora_forward(run: NotebookRun):
         layer, base, _, x = _layer(run, n_in, n_out, rank, alpha, seed=2)
         _set_adapter(layer, seed=3)
         with torch.no_grad():
-            got = _invoke("MyLoRALinear.forward", layer, x)
+            got = invoke("MyLoRALinear.forward", layer, x)
             update = x @ layer.lora_A.T @ layer.lora_B.T
             expected = base(x) + alpha / rank * update
             if isinstance(got, torch.Tensor) and got.shape == expected.shape and not torch.allclose(got, expected,
@@ -143,7 +129,7 @@ def check_lora_merge(run: NotebookRun):
         _set_adapter(layer, seed=5)
         what = f"MyLoRALinear(nn.Linear({n_in}, {n_out}), rank={rank}).merged()"
         try:
-            merged = _invoke(what, layer.merged)
+            merged = invoke(what, layer.merged)
         except AssertionError as e:
             if "RuntimeError" in str(e) and ("shape" in str(e) or "size" in str(e)):
                 raise AssertionError(f"{e} -- the update is B A: (out, r) @ (r, in) = (out, in), the weight's shape; "
@@ -166,7 +152,7 @@ def check_lora_merge(run: NotebookRun):
                          f"{what}.weight vs zer02llm's LoRALinear(...).merged().weight", atol=1e-5)
             if merged.bias is None or not torch.equal(merged.bias, base.bias):
                 raise AssertionError(f"{what} should keep the base layer's bias")
-            assert_close(merged(x), _invoke("MyLoRALinear.forward", layer, x), f"{what}(x) vs the adapted layer",
+            assert_close(merged(x), invoke("MyLoRALinear.forward", layer, x), f"{what}(x) vs the adapted layer",
                          atol=1e-5)
 
 
