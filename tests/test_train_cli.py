@@ -137,19 +137,24 @@ def test_sft_scores_the_held_out_questions_at_each_validation(corpus, pretrained
     assert "no such file" in error_of([str(a) for a in args + ["--eval_files", tmp_path / "nope.jsonl"]], capsys)
 
 
+def kill_when(args, cwd, pattern: str) -> None:
+    """Run the script and `kill -9` it as soon as a log line matches `pattern` (after a save, in the tests)."""
+    victim = subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    for line in victim.stdout:
+        if re.match(pattern, line):
+            victim.send_signal(signal.SIGKILL)
+            break
+    victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
 def test_kill_and_resume_reproduces_the_losses(corpus, tmp_path):
     args = [SCRIPT, "--data_path", corpus["pretrain"], *TINY, "--max_steps", "60", "--save_interval", "5"]
     for name in ("straight", "killed"):
         (tmp_path / name).mkdir()
     straight = cli(*args, cwd=tmp_path / "straight")
-    victim = subprocess.Popen([sys.executable, *map(str, args)], cwd=tmp_path / "killed", env=ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in victim.stdout:
-        if re.match(r"step\s+6/60 \| epoch", line):  # the save after step 5 is on disk
-            victim.send_signal(signal.SIGKILL)
-            break
-    victim.wait(timeout=60)
-    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_when(args, tmp_path / "killed", r"step\s+6/60 \| epoch")  # the save after step 5 is on disk
     saved = torch.load(tmp_path / "killed" / "out" / "pretrain_32_resume.pth", weights_only=True)["step"]
     assert saved % 5 == 0 and 5 <= saved < 60
     resumed = cli(*args, "--resume", cwd=tmp_path / "killed")
@@ -472,13 +477,7 @@ def test_lora_with_dropout_resumes_exactly_whatever_the_save_interval(corpus, pr
         runs[name] = log_lines(cli(*args, "--save_interval", interval, cwd=tmp_path / name).stdout)
     assert len(runs["never"]) > 16 and runs["never"] == runs["every5"]
     (tmp_path / "killed").mkdir()
-    victim = subprocess.Popen([sys.executable, *map(str, args), "--save_interval", "5"], cwd=tmp_path / "killed",
-                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in victim.stdout:
-        if re.match(r"step\s+7/16 \| epoch", line):  # the save after step 5 is on disk
-            victim.send_signal(signal.SIGKILL)
-            break
-    victim.wait(timeout=60)
+    kill_when([*args, "--save_interval", "5"], tmp_path / "killed", r"step\s+7/16 \| epoch")  # after the step-5 save
     resumed = cli(*args, "--save_interval", "5", "--resume", cwd=tmp_path / "killed")
     assert "resumed from out/sft_32_resume.pth at step 5" in resumed.stdout
     step_of = lambda line: int(re.match(r"step\s+(\d+)", line).group(1))
@@ -608,13 +607,7 @@ def test_dpo_kill_and_resume_reproduces_the_losses(corpus, fine_tuned, tmp_path)
     for name in ("straight", "killed"):
         (tmp_path / name).mkdir()
     straight = log_lines(cli(*args, cwd=tmp_path / "straight").stdout)
-    victim = subprocess.Popen([sys.executable, *map(str, args)], cwd=tmp_path / "killed", env=ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in victim.stdout:
-        if re.match(r"step\s+6/12 \| epoch", line):  # the save after step 4 is on disk
-            victim.send_signal(signal.SIGKILL)
-            break
-    victim.wait(timeout=60)
+    kill_when(args, tmp_path / "killed", r"step\s+6/12 \| epoch")  # the save after step 4 is on disk
     resumed = cli(*args, "--resume", cwd=tmp_path / "killed")
     assert "resumed from out/dpo_32_resume.pth at step 4" in resumed.stdout
     step_of = lambda line: int(re.match(r"step\s+(\d+)", line).group(1))
