@@ -9,7 +9,8 @@ Map: chapter notebook -> module (one concern each; `help(zer02llm.<module>)` for
 - 07a -> `corpus` (the tiny world, JSONL); 07b -> `tokenizer` (BPE, chat template, stream decoder); 07c -> `data`
 - 07d -> `evaluate` (fact probe, strict answers and baselines, story checker)
 - 08 pretraining -> `trainer`; 09 SFT and LoRA -> `lora`; 10 DDP and chat -> `train`, `chat` (the command lines)
-- 11 speed -> `fast` (the opt-in lean CPU decoding step, `compile_model`); 12 preference tuning -> `dpo`"""
+- 11 speed -> `fast` (the opt-in lean CPU decoding step, `compile_model`); 12 preference tuning -> `dpo`
+- 14 serving -> `serve` (OpenAI-compatible HTTP server and chat page); 15 -> `gguf_export` (llama.cpp, Ollama)"""
 
 from .utils import atomic_save, get_device, seed_everything  # 00
 from .norm import RMSnorm  # 01

@@ -108,33 +108,48 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
 
 
-def save_lora(model: nn.Module, path: str | os.PathLike, **meta) -> Path:
-    """Write the adapter (weights + rank, alpha, targets + any `meta`, e.g. the base checkpoint) atomically."""
+def _check_format(format: str) -> None:
+    if format not in ("native", "peft"):
+        raise ValueError(f"format must be 'native' or 'peft', got {format!r}")
+
+
+def save_lora(model: nn.Module, path: str | os.PathLike, format: str = "native", **meta) -> Path:
+    """Write the adapter (weights + rank, alpha, targets + any `meta`, e.g. the base checkpoint) atomically:
+    one file (`format="native"`), or a PEFT adapter folder (`format="peft"`, see below)."""
+    _check_format(format)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     if not layers:
         raise ValueError("the model has no LoRA layers: call apply_lora first")
     first = next(iter(layers.values()))
     settings = {"rank": first.rank, "alpha": first.alpha, "targets": sorted({n.rsplit(".", 1)[-1] for n in layers})}
+    if format == "peft":
+        return _save_peft(model, layers, settings, Path(path), meta)
     return atomic_save({"lora": settings, "meta": meta, "weights": lora_state_dict(model)}, path)
 
 
-def load_lora(model: nn.Module, path: str | os.PathLike) -> dict:
-    """Apply the adapter saved at `path` to `model` (its settings, then its weights); returns the saved `meta`."""
+def load_lora(model: nn.Module, path: str | os.PathLike, format: str = "native") -> dict:
+    """Apply the adapter saved at `path` to `model` (its settings, then its weights); returns the saved `meta`.
+    `format="peft"` reads a PEFT adapter folder instead, e.g. one that `peft` trained (see below)."""
+    _check_format(format)
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no LoRA adapter at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    if format == "peft":
+        state = _read_peft(path)
         settings, weights = state["lora"], state["weights"]
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable LoRA adapter ({type(e).__name__}: {e})") from None
+    elif not path.is_file():
+        raise FileNotFoundError(f"no LoRA adapter at {path}")
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            settings, weights = state["lora"], state["weights"]
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable LoRA adapter ({type(e).__name__}: {e})") from None
     apply_lora(model, settings["rank"], settings["alpha"], settings["targets"])
     expected = set(lora_state_dict(model))
     if set(weights) != expected:
         raise ValueError(f"{path} does not fit this model: missing {sorted(expected - set(weights))[:3]}, "
                          f"unexpected {sorted(set(weights) - expected)[:3]}")
     shapes = {k: v.shape for k, v in model.state_dict().items() if k in expected}
-    wrong = [k for k in expected if weights[k].shape != shapes[k]]
+    wrong = [k for k in sorted(expected) if weights[k].shape != shapes[k]]
     if wrong:
         raise ValueError(f"{path} was trained for another model size: {wrong[0]} is {tuple(weights[wrong[0]].shape)}, "
                          f"the model needs {tuple(shapes[wrong[0]])}")
@@ -150,3 +165,77 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+# %% ../notebooks/09_sft_lora.ipynb #peft
+import json
+
+from .utils import atomic_open
+
+_PEFT_PREFIX = "base_model.model."
+_PEFT_REFUSED = {"use_rslora": "rsLoRA's alpha / sqrt(r) scaling", "use_dora": "DoRA",
+                 "fan_in_fan_out": "fan_in_fan_out (Conv1D-style weights)", "rank_pattern": "per-layer ranks",
+                 "alpha_pattern": "per-layer alphas", "modules_to_save": "fully trained extra modules",
+                 "layers_to_transform": "a subset of the layers", "target_parameters": "LoRA on bare parameters",
+                 "lora_bias": "a LoRA bias"}
+
+
+def _peft_key(name: str) -> str:
+    """Ours `layers.0.self_attn.q_proj.lora_A` -> PEFT's
+    `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (transformers' blocks are under `model.`)."""
+    return f"{_PEFT_PREFIX}{'' if name.startswith('lm_head') else 'model.'}{name}.weight"
+
+
+def _our_key(key: str) -> str:
+    name = key.removeprefix(_PEFT_PREFIX).removesuffix(".weight")
+    return name.removeprefix("model.")
+
+
+def _save_peft(model: nn.Module, layers: dict, settings: dict, directory: Path, meta: dict) -> Path:
+    from safetensors.torch import save
+
+    experts = [n for n in layers if ".mlp." in n and getattr(getattr(model, "config", None), "use_moe", False)]
+    if experts:
+        raise ValueError(f"PEFT has no LoRA for {experts[0]}: transformers stores MoE experts and routers as 3-D "
+                         "tensors, not linear layers; adapt the attention projections only")
+    dropout = next(iter(layers.values())).dropout
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings["rank"], "lora_alpha": settings["alpha"],
+              "target_modules": settings["targets"], "lora_dropout": getattr(dropout, "p", 0.0), "bias": "none",
+              "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+              "inference_mode": True, "base_model_name_or_path": meta.get("base")}
+    weights = {_peft_key(k): v.contiguous() for k, v in lora_state_dict(model).items()}
+    with atomic_open(directory / "adapter_model.safetensors", "wb") as f:
+        f.write(save(weights, metadata={"format": "pt", "zer02llm_meta": json.dumps(meta)}))
+    with atomic_open(directory / "adapter_config.json") as f:
+        f.write(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def _read_peft(directory: Path) -> dict:
+    """A PEFT LoRA folder as `{"lora": settings, "weights": ours, "meta": ...}`; what we cannot compute is refused."""
+    from safetensors import safe_open
+
+    files = [directory / "adapter_config.json", directory / "adapter_model.safetensors"]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{directory} is not a PEFT adapter folder: no {', '.join(missing)}")
+    config = json.loads(files[0].read_text(encoding="utf-8"))
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{directory}: peft_type {config.get('peft_type')!r}, only LORA adapters can be loaded")
+    refused = [what for key, what in _PEFT_REFUSED.items() if config.get(key)]
+    if config.get("bias", "none") != "none":
+        refused.append(f"trained biases (bias={config['bias']!r})")
+    targets = config.get("target_modules")
+    if not isinstance(targets, list):
+        refused.append(f"target_modules given as a pattern ({targets!r}) instead of a list of names")
+    if refused:
+        raise ValueError(f"{directory}: this PEFT adapter uses {', '.join(refused)}, which our LoRA does not compute")
+    with safe_open(str(files[1]), framework="pt") as f:
+        weights = {_our_key(k): f.get_tensor(k) for k in f.keys()}
+        meta = json.loads((f.metadata() or {}).get("zer02llm_meta", "{}"))
+    ranks = {k: w.shape[0 if k.endswith("lora_A") else -1] for k, w in weights.items()}
+    wrong = sorted(k for k, r in ranks.items() if r != config["r"])
+    if wrong:
+        raise ValueError(f"{directory}: adapter_config.json says r={config['r']}, but {wrong[0]} has rank "
+                         f"{ranks[wrong[0]]}")
+    return {"lora": {"rank": config["r"], "alpha": config["lora_alpha"], "targets": sorted(targets)},
+            "weights": weights, "meta": meta}
