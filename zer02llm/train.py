@@ -3,8 +3,8 @@
 # %% auto #0
 __all__ = ['ARCH_FLAGS', 'RUNTIME_FLAGS', 'JOIN_TIMEOUT', 'DEFAULT_DIM', 'str2bool', 'build_parser', 'init_distributed',
            'teardown_distributed', 'is_main_process', 'barrier', 'resolve_data_path', 'build_datasets',
-           'question_metrics', 'build_model', 'wandb_has_key', 'import_wandb', 'start_wandb', 'ExpertLoad',
-           'format_record', 'check_out_dir', 'train_config', 'data_id', 'run', 'main']
+           'question_metrics', 'math_metrics', 'build_model', 'wandb_has_key', 'import_wandb', 'start_wandb',
+           'ExpertLoad', 'format_record', 'check_out_dir', 'train_config', 'data_id', 'run', 'main']
 
 # %% ../notebooks/10_ddp.ipynb #prologue
 # Run as a file (`python zer02llm/train.py`, `torchrun zer02llm/train.py`)? Become a module of the package first,
@@ -34,9 +34,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .config import LLMconfig
-from .corpus import FILES, write_builtin_dataset
+from .corpus import FILES, iter_jsonl, write_builtin_dataset
 from .data import PretrainDataset, SFTDataset
 from .dpo import DPODataset, DPOObjective
+from .grpo import (MATH_FILES, GRPODataset, GRPOObjective, check_grpo_args, check_problem, math_accuracy,
+                           write_math_dataset)
 from .evaluate import answer_accuracy, hallucination_rate, read_questions
 from .fast import compile_model
 from .lora import apply_lora, merge_lora, save_lora
@@ -64,20 +66,22 @@ RUNTIME_FLAGS = ("max_seq_len", "dropout", "flash_attn")  # may differ between p
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python zer02llm/train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Pretrain, fine-tune (full SFT or LoRA) or preference-tune (DPO) a Zer02LLM model on one "
+        description="Pretrain, fine-tune (full SFT or LoRA), preference-tune (DPO) or reinforce (GRPO) a Zer02LLM "
+                    "model on one "
                     "process or many (torchrun ... --ddp).",
         epilog="Multi-node: torchrun --nnodes=2 --node_rank=0|1 --nproc_per_node=8 --master_addr=HOST0 "
                "--master_port=29500 zer02llm/train.py --ddp ...")
     switch = {"type": str2bool, "nargs": "?", "const": True, "metavar": "BOOL"}
     g = p.add_argument_group("run")
-    g.add_argument("--mode", choices=["pretrain", "sft", "dpo"], default="pretrain")
+    g.add_argument("--mode", choices=["pretrain", "sft", "dpo", "grpo"], default="pretrain")
     g.add_argument("--data_path", default=None,
-                   help="JSONL file (default: dataset/pretrain_hq.jsonl, dataset/sft_data.jsonl or "
-                        "dataset/dpo_data.jsonl; the built-in corpus is generated there if missing)")
+                   help="JSONL file (default: dataset/pretrain_hq.jsonl, dataset/sft_data.jsonl, "
+                        "dataset/dpo_data.jsonl or dataset/grpo_data.jsonl; the built-in data is generated there "
+                        "if missing)")
     g.add_argument("--out_dir", default="out", help="checkpoints: OUT_DIR/<mode>_<dim>[_moe].pth and its _resume.pth")
     g.add_argument("--init_from", default=None,
-                   help="sft: checkpoint to start from (default OUT_DIR/pretrain_<dim>[_moe].pth); dpo: default "
-                        "OUT_DIR/sft_<dim>[_moe].pth")
+                   help="sft: checkpoint to start from (default OUT_DIR/pretrain_<dim>[_moe].pth); dpo and grpo: "
+                        "default OUT_DIR/sft_<dim>[_moe].pth")
     g.add_argument("--resume", default=False, **switch,
                    help="continue from the resume state in OUT_DIR if there is one (automatic when torchrun "
                         "--max-restarts restarts the workers)")
@@ -122,7 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="beta: how far the policy may move from the reference (larger = closer)")
     g.add_argument("--dpo_alpha", type=float, default=1.0,
                    help="weight of the chosen replies' LM loss added to the DPO loss (0 = plain DPO)")
-    g = p.add_argument_group("LoRA (sft and dpo)")
+    g = p.add_argument_group("GRPO (grpo only; chapter 13)")
+    g.add_argument("--group_size", type=int, default=8, help="replies sampled per question (the group baseline)")
+    g.add_argument("--kl_beta", type=float, default=0.04, help="weight of the KL penalty to the frozen SFT model")
+    g.add_argument("--clip_eps", type=float, default=0.2, help="the ratio pi / pi_old is clipped to 1 +- clip_eps")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the replies")
+    g.add_argument("--max_new_tokens", type=int, default=64, help="longest reply sampled")
+    g = p.add_argument_group("LoRA (sft, dpo and grpo)")
     g.add_argument("--lora_rank", type=int, default=0,
                    help="> 0: train a LoRA adapter of this rank instead of every weight")
     g.add_argument("--lora_alpha", type=float, default=16.0)
@@ -212,24 +222,28 @@ def resolve_data_path(mode: str, data_path: str | None) -> Path:
         if not path.is_file():
             raise FileNotFoundError(f"--data_path {path}: no such file (omit the flag to use the built-in corpus)")
         return path
-    path = Path("dataset") / FILES[mode]
+    path = Path("dataset") / (MATH_FILES if mode == "grpo" else FILES)[mode]
     if not path.is_file() and is_main_process():
-        print(f"{path} is missing: writing the built-in corpus to {path.parent}/", flush=True)
-        write_builtin_dataset(path.parent)
+        print(f"{path} is missing: writing the built-in {'arithmetic tasks' if mode == 'grpo' else 'corpus'} to "
+              f"{path.parent}/", flush=True)
+        (write_math_dataset if mode == "grpo" else write_builtin_dataset)(path.parent)
     barrier()
     return path
 
 
 def build_datasets(mode: str, path: Path, tokenizer, max_seq_len: int, batch_size: int, world_size: int,
                    skip_bad_lines: bool = False):
-    """(train, val or None): rank 0 tokenizes first (the cache), then the others; the last 1 % is validation."""
-    kind = {"pretrain": PretrainDataset, "sft": SFTDataset, "dpo": DPODataset}[mode]
+    """(train, val or None): rank 0 tokenizes first (the cache), then the others; the last 1 % is validation
+    (GRPO has none: it learns from samples, and its validation is the held-out accuracy)."""
+    kind = {"pretrain": PretrainDataset, "sft": SFTDataset, "dpo": DPODataset, "grpo": GRPODataset}[mode]
     if is_main_process():
         data = kind(path, tokenizer, max_seq_len, skip_bad_lines=skip_bad_lines)
     barrier()
     if not is_main_process():
         data = kind(path, tokenizer, max_seq_len, skip_bad_lines=skip_bad_lines)
     n_val = max(batch_size * world_size, len(data) // 100)
+    if mode == "grpo":
+        return data, None
     if n_val > len(data) // 10:  # too little data to spare a validation batch per rank
         return data, None
     return split_train_val(data, n_val)
@@ -242,6 +256,8 @@ def question_metrics(mode: str, eval_files: str | None, data_path: Path, tokeniz
     training, so a bad line stops the run at once."""
     if mode == "pretrain" or eval_files == "none":
         return {}
+    if mode == "grpo":
+        return math_metrics(eval_files, data_path, tokenizer)
     unknown = None
     if eval_files:
         paths = [Path(f.strip()) for f in eval_files.split(",") if f.strip()]
@@ -259,6 +275,19 @@ def question_metrics(mode: str, eval_files: str | None, data_path: Path, tokeniz
         fake = read_questions(unknown)
         metrics["hallucination"] = lambda model: hallucination_rate(model, tokenizer, fake)
     return metrics
+
+
+
+def math_metrics(eval_files: str | None, data_path: Path, tokenizer) -> dict:
+    """GRPO: the share of held-out questions (eval_math.jsonl beside the data, or --eval_files) whose greedy reply
+    earns the reward (chapter 13's `math_accuracy`)."""
+    paths = [Path(f.strip()) for f in eval_files.split(",") if f.strip()] if eval_files else [
+        data_path.parent / MATH_FILES["eval_math"]]
+    for path in paths:
+        if eval_files and not path.is_file():
+            raise FileNotFoundError(f"--eval_files {path}: no such file ('none' turns the evaluation off)")
+    problems = {path.stem: [line.record for line in iter_jsonl(path, check_problem)] for path in paths if path.is_file()}
+    return {name: lambda model, p=p: math_accuracy(model, tokenizer, p)["all"] for name, p in problems.items()}
 
 # %% ../notebooks/10_ddp.ipynb #model
 DEFAULT_DIM = 512
@@ -362,12 +391,15 @@ class ExpertLoad:
 # %% ../notebooks/10_ddp.ipynb #run
 def format_record(record: dict, total_steps: int) -> str:
     step = f"step {record['step']:>{len(str(total_steps))}}/{total_steps}"
-    if "val_loss" in record:
+    if "lm_loss" not in record:  # a validation record: the loss (none for GRPO) and the metrics
         metrics = "".join(f" | {k} {v:.1%}" for k, v in record.items() if k not in ("step", "val_loss"))
-        return (f"{step} | val loss {record['val_loss']:.4f} | val ppl {math.exp(min(record['val_loss'], 50)):.2f}"
-                + metrics)
+        loss = (f" | val loss {record['val_loss']:.4f} | val ppl {math.exp(min(record['val_loss'], 50)):.2f}"
+                if "val_loss" in record else "")
+        return step + loss + metrics
     aux = f" | aux loss {record['aux_loss']:.4f}" if "aux_loss" in record else ""
-    return (f"{step} | epoch {record['epoch'] + 1} | loss {record['lm_loss']:.4f}{aux} | lr {record['lr']:.3e} | "
+    rl = (f" | reward {record['reward']:.3f} | kl {record['kl']:.4f} | reply {record['reply_tokens']:.1f} tokens | "
+          f"no signal {record['no_signal']:.0%}" if "reward" in record else "")  # GRPO's stats
+    return (f"{step} | epoch {record['epoch'] + 1} | loss {record['lm_loss']:.4f}{aux}{rl} | lr {record['lr']:.3e} | "
             f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s")
 
 
@@ -407,13 +439,15 @@ def data_id(path: Path) -> str:
 def run(args) -> dict:
     """Train as the flags say; returns {"checkpoint", "steps", "history"} (on every rank)."""
     if args.lora_rank and args.mode == "pretrain":
-        raise ValueError("--lora_rank needs --mode sft or dpo (LoRA adapts a trained model)")
+        raise ValueError("--lora_rank needs --mode sft, dpo or grpo (LoRA adapts a trained model)")
     if args.lora_rank < 0:
         raise ValueError(f"--lora_rank must be >= 0, got {args.lora_rank}")
     if not (math.isfinite(args.dpo_beta) and args.dpo_beta > 0 and math.isfinite(args.dpo_alpha)
             and args.dpo_alpha >= 0):
         raise ValueError(f"--dpo_beta must be > 0 and --dpo_alpha >= 0 (finite), got {args.dpo_beta} and "
                          f"{args.dpo_alpha}")
+    if args.mode == "grpo":
+        check_grpo_args(args.group_size, args.kl_beta, args.clip_eps, args.temperature, args.max_new_tokens)
     in_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if in_torchrun and not args.ddp:
         raise ValueError(f"started by torchrun with WORLD_SIZE={os.environ['WORLD_SIZE']} but without --ddp: add --ddp "
@@ -435,7 +469,7 @@ def run(args) -> dict:
     seed_everything(args.seed)
     tokenizer = load_tokenizer()
     model, init = build_model(args, tokenizer)
-    reference = copy.deepcopy(model) if args.mode == "dpo" else None  # DPO's frozen reference: the SFT model
+    reference = copy.deepcopy(model) if args.mode in ("dpo", "grpo") else None  # the frozen SFT model
     if args.lora_rank:
         apply_lora(model, args.lora_rank, args.lora_alpha,
                    [t.strip() for t in args.lora_targets.split(",") if t.strip()])
@@ -449,8 +483,15 @@ def run(args) -> dict:
     metrics = question_metrics(args.mode, args.eval_files, data_path, tokenizer)
     if args.compile:  # one entry point for torch.compile (chapter 11); saving still sees the plain modules
         compile_model(model, decode=False)
-    dpo = args.mode == "dpo"  # the Trainer then optimises the preference objective around the model (chapter 12)
-    trained = DPOObjective(model, reference, beta=args.dpo_beta, nll_alpha=args.dpo_alpha) if dpo else model
+    dpo = args.mode in ("dpo", "grpo")  # the Trainer optimises an objective around the policy (chapters 12, 13)
+    if args.mode == "dpo":
+        trained = DPOObjective(model, reference, beta=args.dpo_beta, nll_alpha=args.dpo_alpha)
+    elif args.mode == "grpo":
+        trained = GRPOObjective(model, tokenizer, reference, group_size=args.group_size, kl_beta=args.kl_beta,
+                                clip_eps=args.clip_eps, temperature=args.temperature,
+                                max_new_tokens=args.max_new_tokens)
+    else:
+        trained = model
     if dpo:  # the metrics ask the policy, not the pair of models
         metrics = {name: (lambda m, f=f: f(m.policy)) for name, f in metrics.items()}
     ckpt = checkpoint_path(args.out_dir, args.mode, model.config.dim, model.config.use_moe)
@@ -475,7 +516,8 @@ def run(args) -> dict:
 
     trainer = Trainer(trained, train_data, cfg, val_data=val_data, device=device, ckpt_path=ckpt,
                       save_model=save_model, log=log, progress=True, metrics=metrics, data_id=data_id(data_path),
-                      items=DPODataset.items if dpo else None)
+                      items={"dpo": DPODataset.items, "grpo": getattr(trained, "items", None)}.get(args.mode),
+                      stats=trained.stats if args.mode == "grpo" else None)
     if args.resume or restart:
         why = f"torchrun restart {restart}" if restart else "--resume"
         if trainer.resume():
@@ -484,11 +526,12 @@ def run(args) -> dict:
             say(f"{why}: no {resume_path(ckpt)} yet, starting from the beginning")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"{args.mode}: {model.num_parameters() / 1e6:.2f} M parameters ({trainable / 1e6:.2f} M trained), "
-        f"{len(train_data)} training {'pairs' if dpo else 'examples'} of {'' if args.mode == 'pretrain' else 'up to '}"
+        f"{len(train_data)} training {dict(dpo='pairs', grpo='questions').get(args.mode, 'examples')} of "
+        f"{'' if args.mode == 'pretrain' else 'up to '}"
         f"{seq_len} tokens, "
         f"{world_size} process(es) on {device.type}, "
         f"{cfg.dtype}, {trainer.total_steps} optimizer steps of {cfg.batch_size * cfg.accumulation_steps * world_size} "
-        f"examples" + (f", starting from {init}" if init else ""))
+        f"{dict(dpo='pairs', grpo='questions').get(args.mode, 'examples')}" + (f", starting from {init}" if init else ""))
     if args.use_wandb and main_process:
         config = {**vars(args), "learning_rate": cfg.learning_rate, "dtype": cfg.dtype, "world_size": world_size,
                   "parameters": model.num_parameters(), "trainable_parameters": trainable,

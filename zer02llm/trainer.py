@@ -185,7 +185,7 @@ class Trainer:
                  save_model: Callable[[nn.Module, Path], object] | None = None,
                  log: Callable[[dict], None] | None = None, progress: bool = False,
                  metrics: dict[str, Callable[[nn.Module], float]] | None = None, data_id: str | None = None,
-                 items: Callable[[tuple], int] | None = None):
+                 items: Callable[[tuple], int] | None = None, stats: Callable[[], dict[str, float]] | None = None):
         self.cfg, self.device = cfg, torch.device(device)
         self.items = items or labelled_tokens  # what the loss is a mean over (DPO, chapter 12: preference pairs)
         self.data_id = data_id  # names the training data in the resume state (train.py: the file and its size)
@@ -206,6 +206,8 @@ class Trainer:
         self.save_model = save_model or (lambda m, path: m.save_checkpoint(path))
         self.log, self.progress = log or (lambda record: None), progress
         self.metrics = metrics or {}  # name -> f(model): measured with each validation loss, on rank 0
+        self.validating = val_data is not None or bool(self.metrics)  # GRPO (chapter 13): metrics, no loss
+        self.stats = stats  # the objective's own numbers for the log lines (GRPO: mean reward, KL), rank-averaged
         self.micro_per_epoch = len(train_data) // self.world_size // cfg.batch_size  # micro-batches per rank
         self.steps_per_epoch = self.micro_per_epoch // cfg.accumulation_steps
         if self.steps_per_epoch == 0:
@@ -224,7 +226,7 @@ class Trainer:
         if self.rank == 0 and self.ckpt_path is not None:  # what killed saves of this run's files left behind
             for path in (self.ckpt_path, resume_path(self.ckpt_path)):
                 remove_stale_temps(path)
-        if self.step == 0 and self.val_data is not None:
+        if self.step == 0 and self.validating:
             self._record(self.validate())
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=None if self.progress and self.rank == 0 else True)  # None: a terminal only
@@ -246,13 +248,13 @@ class Trainer:
                                       "tokens_per_s": tokens / max(busy, 1e-9)})
                         busy, tokens = 0.0, 0
                     if self.step < self.total_steps:
-                        if self.val_data is not None and cfg.eval_interval and self.step % cfg.eval_interval == 0:
+                        if self.validating and cfg.eval_interval and self.step % cfg.eval_interval == 0:
                             self._record(self.validate())
                         if cfg.save_interval and self.step % cfg.save_interval == 0:
                             self.save()
         finally:
             bar.close()  # also when an error stops the run, so the message starts on its own line
-        if self.val_data is not None and self._last_eval_step() != self.step:
+        if self.validating and self._last_eval_step() != self.step:
             self._record(self.validate())
         self.save()
         return self.history
@@ -310,7 +312,18 @@ class Trainer:
                 f"diverged. Lower the learning rate, raise warmup_iters, keep grad_clip > 0, or use bfloat16/float32 "
                 f"instead of float16. Nothing was saved for this step; the last checkpoint is intact")
         result = {"lm_loss": lm_value, **({"aux_loss": aux_value} if self.moe else {}), "grad_norm": norm_value}
+        result |= self._objective_stats()
         return {**result, "tokens": int(counts[1])}
+
+    def _objective_stats(self) -> dict[str, float]:
+        """`stats()` of this step, averaged over the processes (each sampled its own prompts)."""
+        values = self.stats() if self.stats is not None else {}
+        if not self.ddp or not values:
+            return values
+        names = sorted(values)
+        mean = torch.tensor([float(values[k]) for k in names], device=self.device)
+        dist.all_reduce(mean)
+        return dict(zip(names, (mean / self.world_size).tolist()))
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -335,9 +348,9 @@ class Trainer:
         return (total[0] / total[1]).item()
 
     def validate(self) -> dict:
-        """The validation record: the loss, and each metric of the model (greedy answers, a probe: slow, so rank 0
-        alone measures them; the other ranks wait at their next step's all-reduce)."""
-        record = {"step": self.step, "val_loss": self.evaluate()}
+        """The validation record: the loss (when there is validation data), and each metric of the model (greedy
+        answers, a probe: slow, so rank 0 alone measures them; the other ranks wait at their next step's all-reduce)."""
+        record = {"step": self.step, **({"val_loss": self.evaluate()} if self.val_data is not None else {})}
         if self.rank == 0:
             record.update({name: metric(self.raw_model) for name, metric in self.metrics.items()})
         return record
@@ -348,7 +361,7 @@ class Trainer:
             self.log(record)
 
     def _last_eval_step(self) -> int | None:
-        return next((r["step"] for r in reversed(self.history) if "val_loss" in r), None)
+        return next((r["step"] for r in reversed(self.history) if "lm_loss" not in r), None)  # not a log line
 
     def state_dict(self) -> dict:
         """Everything needed to continue exactly here: weights, optimizer, scaler, data position, RNG (all ranks)."""
