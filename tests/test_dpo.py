@@ -7,14 +7,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from zer02llm.config import LLMconfig
 from zer02llm.corpus import JsonlError
 from zer02llm.data import IGNORE_INDEX, encode_sft, make_loader
 from zer02llm.dpo import DPODataset, DPOObjective, dpo_loss, preference_stats, sequence_logprobs, token_logprobs
 from zer02llm.model import LLM
 from zer02llm.tokenizer import load_tokenizer
 from zer02llm.trainer import TrainConfig, Trainer
-from zer02llm.utils import seed_everything
+
+from tiny_models import tiny_llm
 
 ATOL = 1e-5  # float32 log-probabilities summed over a few dozen tokens
 pytestmark = pytest.mark.filterwarnings("ignore:.*checkpointing.*:FutureWarning")  # transformers 5 on TRL's config
@@ -23,12 +23,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*checkpointing.*:FutureWarning"
 @pytest.fixture(scope="module")
 def tok():
     return load_tokenizer()
-
-
-def tiny_llm(vocab, seed=0, **kw):
-    seed_everything(seed)
-    cfg = dict(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
-    return LLM(LLMconfig(**{**cfg, **kw}))
 
 
 def conversation(prompt, reply, system=None, earlier=None):

@@ -30,6 +30,8 @@ from zer02llm.tokenizer import load_tokenizer
 from zer02llm.train import main
 from zer02llm.utils import seed_everything
 
+from tiny_models import tiny_llm
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "zer02llm" / "train.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # one thread: identical arithmetic every run
@@ -40,12 +42,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*checkpointing.*:FutureWarning"
 @pytest.fixture(scope="module")
 def tok():
     return load_tokenizer()
-
-
-def tiny_llm(vocab, seed=0, **kw):
-    seed_everything(seed)
-    cfg = dict(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
-    return LLM(LLMconfig(**{**cfg, **kw}))
 
 
 def write_lines(path, records):

@@ -9,7 +9,8 @@ Map: chapter notebook -> module (one concern each; `help(zer02llm.<module>)` for
 - 07a -> `corpus` (the tiny world, JSONL); 07b -> `tokenizer` (BPE, chat template, stream decoder); 07c -> `data`
 - 07d -> `evaluate` (fact probe, strict answers and baselines, story checker)
 - 08 pretraining -> `trainer`; 09 SFT and LoRA -> `lora`; 10 DDP and chat -> `train`, `chat` (the command lines)
-- 11 speed -> `fast` (the opt-in lean CPU decoding step, `compile_model`); 12 preference tuning -> `dpo`; 13 RL from verifiable rewards -> `grpo`
+- 11 speed -> `fast` (the opt-in lean CPU decoding step, `compile_model`); 12 preference tuning -> `dpo`
+- 13 RL from verifiable rewards -> `grpo`
 - 14 serving -> `serve` (OpenAI-compatible HTTP server and chat page); 15 -> `gguf_export` (llama.cpp, Ollama)"""
 
 from .utils import atomic_save, get_device, seed_everything  # 00
@@ -26,8 +27,8 @@ from .hf import export_hf, import_hf
 from .lora import LoRALinear, apply_lora, load_lora, merge_lora, save_lora  # 09
 from .fast import compile_model  # 11
 
-# 07, 08, 12, 13: imported on first use, so `python -m zer02llm.corpus` / `-m zer02llm.tokenizer` do not import themselves
-# twice (the trainer reads its batches through zer02llm.data, which reads zer02llm.corpus)
+# 07, 08, 12, 13: imported on first use, so `python -m zer02llm.corpus` / `-m zer02llm.tokenizer` do not import
+# themselves twice (the trainer reads its batches through zer02llm.data, which reads zer02llm.corpus)
 _LAZY = {"write_builtin_dataset": "corpus", "load_tokenizer": "tokenizer", "ChatTokenizer": "tokenizer",
          "PretrainDataset": "data", "SFTDataset": "data", "make_loader": "data",
          **{name: "trainer" for name in ("TrainConfig", "Trainer", "checkpoint_path", "configure_optimizer", "get_lr")},
