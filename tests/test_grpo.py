@@ -88,17 +88,20 @@ def test_write_math_dataset_is_reproducible_and_keeps_the_held_out_questions_out
     rl = read_jsonl(math_files["grpo"])
     assert len(sft) == 3000 and len(rl) == 600
     assert not set(questions) & {c[0]["content"] for c in sft} and not set(questions) & {r["question"] for r in rl}
+    start = lambda q: int(q.split()[2])  # noqa: E731  "What is 9 + 2 - 5?" -> 9
     for r in held_out:
         assert steps_of(r["question"]) == r["steps"] and eval(expression(r["question"])) == r["answer"]
-    for r in rl:
-        assert set(r) == {"question", "answer"} and steps_of(r["question"]) in (2, 3)
+        assert r["steps"] == 3 or start(r["question"]) > 6  # the two-step held-out chains are RL's kind
+    for r in rl:  # RL: two-step chains that start at 7..12, a kind the cold start never shows worked
+        assert set(r) == {"question", "answer"} and steps_of(r["question"]) == 2 and start(r["question"]) > 6
         assert eval(expression(r["question"])) == r["answer"]
     for user, assistant in sft:
         assert (user["role"], assistant["role"]) == ("user", "assistant") and steps_of(user["content"]) in (1, 2)
+        assert steps_of(user["content"]) == 1 or start(user["content"]) <= 6
         answer = eval(expression(user["content"]))
         assert assistant["content"].endswith(f"The answer is {answer}.")
         assert final_number(assistant["content"]) == answer
-    assert {steps_of(c[0]["content"]) for c in sft} == {1, 2} and {steps_of(r["question"]) for r in rl} == {2, 3}
+    assert {steps_of(c[0]["content"]) for c in sft} == {1, 2}
 
 
 def test_math_dataset_command_line(tmp_path):

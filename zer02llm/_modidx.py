@@ -220,6 +220,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'zer02llm.grpo.check_problem': ('grpo.html#check_problem', 'zer02llm/grpo.py'),
                                'zer02llm.grpo.completion_mask': ('grpo.html#completion_mask', 'zer02llm/grpo.py'),
                                'zer02llm.grpo.final_number': ('grpo.html#final_number', 'zer02llm/grpo.py'),
+                               'zer02llm.grpo.first_number': ('grpo.html#first_number', 'zer02llm/grpo.py'),
                                'zer02llm.grpo.group_advantages': ('grpo.html#group_advantages', 'zer02llm/grpo.py'),
                                'zer02llm.grpo.grpo_token_loss': ('grpo.html#grpo_token_loss', 'zer02llm/grpo.py'),
                                'zer02llm.grpo.main': ('grpo.html#main', 'zer02llm/grpo.py'),
