@@ -8,7 +8,6 @@ import math
 import os
 import random
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -30,11 +29,11 @@ from zer02llm.tokenizer import load_tokenizer
 from zer02llm.train import main
 from zer02llm.utils import seed_everything
 
+from script_runs import ENV, kill_when
 from tiny_models import tiny_llm
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "zer02llm" / "train.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # one thread: identical arithmetic every run
 ATOL = 1e-5  # float32 log-probabilities of a few dozen tokens
 pytestmark = pytest.mark.filterwarnings("ignore:.*checkpointing.*:FutureWarning")  # transformers 5 on TRL's config
 
@@ -617,18 +616,6 @@ def test_grpo_mode_trains_from_the_sft_checkpoint_and_scores_the_held_out_questi
     policy = torch.load(tmp_path / "out" / "grpo_32.pth", weights_only=True)["model"]
     sft = torch.load(sft_model, weights_only=True)["model"]
     assert set(policy) == set(sft) and any(not torch.equal(policy[k], sft[k]) for k in sft)
-
-
-def kill_when(args, cwd, pattern: str) -> None:
-    """Run the script and `kill -9` it as soon as a log line matches `pattern` (after a save, in the tests)."""
-    victim = subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
-    for line in victim.stdout:
-        if re.match(pattern, line):
-            victim.send_signal(signal.SIGKILL)
-            break
-    victim.wait(timeout=60)
-    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
 
 
 def test_grpo_kill_and_resume_ends_with_the_same_weights(math_files, sft_model, tmp_path):

@@ -17,12 +17,13 @@ from zer02llm.corpus import write_builtin_dataset
 from zer02llm.model import LLM
 from zer02llm.train import build_parser, main, resolve_data_path
 
+from script_runs import ENV, kill_when
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "zer02llm" / "train.py"
 TINY = ["--dim", "32", "--n_layers", "1", "--n_heads", "2", "--n_kv_heads", "1", "--max_seq_len", "64",
         "--batch_size", "4", "--accumulation_steps", "2", "--log_interval", "1", "--eval_interval", "3",
         "--eval_batches", "2", "--learning_rate", "3e-3", "--device", "cpu"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # one thread: identical arithmetic in every run
 
 
 def cli(*args, cwd, timeout=300, check=True):
@@ -135,18 +136,6 @@ def test_sft_scores_the_held_out_questions_at_each_validation(corpus, pretrained
     bad.write_text('{"question": "What is 2 plus 3?", "answer": "5"}\n{"answer": "5"}\n')
     assert f"{bad}:2:" in error_of([str(a) for a in args + ["--eval_files", bad]], capsys)
     assert "no such file" in error_of([str(a) for a in args + ["--eval_files", tmp_path / "nope.jsonl"]], capsys)
-
-
-def kill_when(args, cwd, pattern: str) -> None:
-    """Run the script and `kill -9` it as soon as a log line matches `pattern` (after a save, in the tests)."""
-    victim = subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
-    for line in victim.stdout:
-        if re.match(pattern, line):
-            victim.send_signal(signal.SIGKILL)
-            break
-    victim.wait(timeout=60)
-    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
 
 
 def test_kill_and_resume_reproduces_the_losses(corpus, tmp_path):

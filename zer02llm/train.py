@@ -286,7 +286,8 @@ def math_metrics(eval_files: str | None, data_path: Path, tokenizer) -> dict:
     for path in paths:
         if eval_files and not path.is_file():
             raise FileNotFoundError(f"--eval_files {path}: no such file ('none' turns the evaluation off)")
-    problems = {path.stem: [line.record for line in iter_jsonl(path, check_problem)] for path in paths if path.is_file()}
+    problems = {path.stem: [line.record for line in iter_jsonl(path, check_problem)]
+                for path in paths if path.is_file()}
     return {name: lambda model, p=p: math_accuracy(model, tokenizer, p)["all"] for name, p in problems.items()}
 
 # %% ../notebooks/10_ddp.ipynb #model
@@ -531,7 +532,8 @@ def run(args) -> dict:
         f"{seq_len} tokens, "
         f"{world_size} process(es) on {device.type}, "
         f"{cfg.dtype}, {trainer.total_steps} optimizer steps of {cfg.batch_size * cfg.accumulation_steps * world_size} "
-        f"{dict(dpo='pairs', grpo='questions').get(args.mode, 'examples')}" + (f", starting from {init}" if init else ""))
+        f"{dict(dpo='pairs', grpo='questions').get(args.mode, 'examples')}"
+        + (f", starting from {init}" if init else ""))
     if args.use_wandb and main_process:
         config = {**vars(args), "learning_rate": cfg.learning_rate, "dtype": cfg.dtype, "world_size": world_size,
                   "parameters": model.num_parameters(), "trainable_parameters": trainable,
