@@ -2,11 +2,14 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from bench import memory, models
+from bench import memory, models, stories
 from bench.run import main
+from zer02llm import corpus
+from zer02llm.tokenizer import load_tokenizer
 
 
 def test_quick_run_writes_results(tmp_path):
@@ -48,3 +51,31 @@ def test_pairs_share_weights_and_bad_arguments_fail(tmp_path):
     assert type(pair.hf).__name__ == "MixtralForCausalLM" and pair.max_abs_logit_diff < 1e-4
     with pytest.raises(SystemExit):
         main(["--only", "nothing"])
+
+
+def test_stories_row_table_and_the_cast_restored(tmp_path):
+    before = {name: list(getattr(corpus, name)) for name in stories.WIDE_CAST}
+    out = tmp_path / "stories.jsonl"
+    stories.main(["--cast", "wide", "--tokenizer", "retrained", "--align", "bos", "--steps", "2", "--eval_every", "1",
+                  "--out", str(out)])
+    row = json.loads(out.read_text())
+    assert [c["step"] for c in row["copying"]] == [0, 1, 2] and 0 < row["copying"][0]["thing"] < 0.01
+    assert row["vocab"] > 1300 and 0 <= row["stories"] <= 1 and sum(row["problems"].values()) > 0
+    assert {name: getattr(corpus, name) for name in stories.WIDE_CAST} == before, "the built-in cast must come back"
+    stories.main(["--table", "--out", str(out)])
+    assert "wide cast, tokenizer retrained, align bos, steps 2" in stories.table(out)
+
+
+def test_wide_cast_words_are_pieces_of_the_shipped_tokenizer():
+    tok = load_tokenizer()
+    assert all(len(tok.encode(" " + w)) == 1 for w in corpus.THINGS)
+    new = [w for w in stories.WIDE_CAST["THINGS"] if w not in corpus.THINGS]
+    assert sum(len(tok.encode(" " + w)) > 1 for w in new) >= len(new) // 2, "the shipped tokenizer knows them"
+
+
+def test_bos_aligned_blocks_start_documents():
+    bos = 1
+    stream = np.array([1, 5, 6, 2, 1, 7, 8, 9, 2, 1, 3, 2, 1, 4, 4, 4, 4, 4, 4, 2])
+    blocks = stories.bos_aligned(stream, bos, 6).blocks.tolist()
+    # doc 1 (4) + the start of doc 2; doc 2 whole (5) + the start of doc 3; doc 3 (3) + the start of doc 4; doc 4 cut
+    assert blocks == [[1, 5, 6, 2, 1, 7], [1, 7, 8, 9, 2, 1], [1, 3, 2, 1, 4, 4], [1, 4, 4, 4, 4, 4]]

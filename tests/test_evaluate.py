@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
+from torch import nn
 
 from zer02llm import evaluate
 from zer02llm.config import LLMconfig
@@ -15,7 +16,8 @@ from zer02llm.corpus import (BOYS, COLORS, GIRLS, PLACES, REPLIES, STATEMENTS, T
                              make_world, unknown_questions)
 from zer02llm.evaluate import (CANDIDATES, REFUSAL, answer_accuracy, baselines, check_statements, chat_prompt,
                                first_sentence, greedy_replies, hallucination_rate, is_correct, is_refusal, probe_accuracy,
-                               probe_items, read_questions, sample_replies, story_consistency, story_problems)
+                               probe_items, read_questions, sample_replies, story_consistency, story_problems,
+                               copy_probability)
 from zer02llm.model import LLM
 from zer02llm.tokenizer import load_tokenizer
 
@@ -224,3 +226,24 @@ def test_read_questions_names_the_bad_line(tmp_path):
     bad.write_text(json.dumps(BRISCO) + "\n" + json.dumps({"question": "no answer"}) + "\n")
     with pytest.raises(JsonlError, match=rf"{re.escape(str(bad))}:2: .*question.*answer"):
         read_questions(bad)
+
+
+class _Peeking(nn.Module):
+    """Puts probability `p` on the true next token (it reads it from the input) and spreads the rest evenly."""
+
+    def __init__(self, vocab_size: int, p: float):
+        super().__init__()
+        self.vocab_size, self.p, self.config = vocab_size, p, LLMconfig(vocab_size=vocab_size, max_seq_len=128)
+        self.anchor = nn.Parameter(torch.zeros(()))  # gives the model a device
+
+    def forward(self, ids):
+        probs = torch.full((*ids.shape, self.vocab_size), (1 - self.p) / self.vocab_size)
+        probs[0, torch.arange(ids.shape[1] - 1), ids[0, 1:]] += self.p
+        return type("Out", (), {"logits": probs.log()})
+
+
+def test_copy_probability_reads_the_right_positions(tok):
+    for p in (1.0, 0.5, 0.0):
+        got = copy_probability(_Peeking(tok.vocab_size, p), tok, n_stories=10)
+        want = p + (1 - p) / tok.vocab_size  # every cast word of the built-in stories is one token
+        assert set(got) == {"name", "thing", "color"} and all(abs(v - want) < 1e-5 for v in got.values()), (p, got)

@@ -147,6 +147,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'zer02llm.evaluate.by_relation': ('evaluate.html#by_relation', 'zer02llm/evaluate.py'),
                                    'zer02llm.evaluate.chat_prompt': ('evaluate.html#chat_prompt', 'zer02llm/evaluate.py'),
                                    'zer02llm.evaluate.check_statements': ('evaluate.html#check_statements', 'zer02llm/evaluate.py'),
+                                   'zer02llm.evaluate.copy_probability': ('evaluate.html#copy_probability', 'zer02llm/evaluate.py'),
                                    'zer02llm.evaluate.first_sentence': ('evaluate.html#first_sentence', 'zer02llm/evaluate.py'),
                                    'zer02llm.evaluate.greedy_replies': ('evaluate.html#greedy_replies', 'zer02llm/evaluate.py'),
                                    'zer02llm.evaluate.hallucination_rate': ('evaluate.html#hallucination_rate', 'zer02llm/evaluate.py'),

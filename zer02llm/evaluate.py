@@ -6,10 +6,12 @@
 __all__ = ['left_pad', 'greedy_replies', 'sample_replies', 'chat_prompt', 'ProbeItem', 'probe_items', 'by_relation',
            'probe_accuracy', 'first_sentence', 'names', 'is_refusal', 'is_correct', 'read_questions', 'Answers',
            'answer_accuracy', 'hallucination_rate', 'baselines', 'check_statements', 'story_problems',
-           'story_consistency']
+           'story_consistency', 'copy_probability']
 
 # %% ../notebooks/07d_evaluate.ipynb #imports
+import math
 import os
+import random
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from typing import Iterable
 import torch
 
 from .corpus import (BOYS, CANDIDATES, COLORS, GIRLS, PLACES, REFUSAL, REPLIES, STATEMENTS, THINGS, World,
-                             iter_jsonl)
+                             iter_jsonl, make_story)
 from .generate import generate
 
 # %% ../notebooks/07d_evaluate.ipynb #batch
@@ -210,3 +212,21 @@ def story_consistency(texts: Iterable[str]) -> float:
     """Share of texts with no story problem."""
     texts = list(texts)
     return sum(not story_problems(t) for t in texts) / len(texts)
+
+# %% ../notebooks/07d_evaluate.ipynb #copying
+@torch.no_grad()
+def copy_probability(model, tokenizer, n_stories: int = 60, seed: int = 123) -> dict[str, float]:
+    """Mean probability of the right word at every repeated mention of a story's hero ("name"), "thing" and "color",
+    in `n_stories` generated stories read teacher-forced (cut to the model's context)."""
+    rng, found = random.Random(seed), {"name": [], "thing": [], "color": []}
+    model.eval()
+    device = next(model.parameters()).device
+    for _ in range(n_stories):
+        story, cast = make_story(rng)
+        ids = ([tokenizer.bos_id] + tokenizer.encode(story))[:model.config.max_seq_len]
+        logp = model(torch.tensor([ids], device=device)).logits[0].float().log_softmax(-1).cpu()
+        for key, hits in found.items():
+            word = tokenizer.encode(" " + cast[key])
+            starts = [i for i in range(1, len(ids) - len(word) + 1) if ids[i:i + len(word)] == word]
+            hits += [sum(logp[i + j - 1, t].item() for j, t in enumerate(word)) for i in starts[1:]]
+    return {key: sum(math.exp(h) for h in hits) / len(hits) for key, hits in found.items()}
