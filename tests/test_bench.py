@@ -71,6 +71,8 @@ def test_wide_cast_words_are_pieces_of_the_shipped_tokenizer():
     assert all(len(tok.encode(" " + w)) == 1 for w in corpus.THINGS)
     new = [w for w in stories.WIDE_CAST["THINGS"] if w not in corpus.THINGS]
     assert sum(len(tok.encode(" " + w)) > 1 for w in new) >= len(new) // 2, "the shipped tokenizer knows them"
+    pieces = [w.split()[-1] for words in stories.PIECES_CAST.values() for w in words]
+    assert len(pieces) == len(set(pieces)) == 110 and all(len(tok.encode(" " + w)) > 1 for w in pieces)
 
 
 def test_bos_aligned_blocks_start_documents():
