@@ -8,7 +8,6 @@ stories. `--table` prints the rows collected so far as the markdown table of ben
 deterministic for a given machine; seconds depend on how busy it is (the load average is recorded).
 """
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -18,6 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from bench.rows import append_row, read_rows  # noqa: E402
 from zer02llm.config import LLMconfig  # noqa: E402
 from zer02llm.corpus import make_world, write_builtin_dataset  # noqa: E402
 from zer02llm.data import PretrainDataset, SFTDataset  # noqa: E402
@@ -62,7 +62,7 @@ def run(seed: int, steps: int, sft_steps: int, seq: int, batch: int, lr: float, 
 
 
 def table(path: Path = RESULTS) -> str:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = read_rows(path)
     head = ("| seed | pretrain steps × batch × seq | lr | SFT steps (seq) | seconds (pre + SFT) | load | probe | "
             "held-out facts | held-out entities | stories |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -90,10 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         print(table(args.out))
         return
     row = run(args.seed, args.steps, args.sft_steps, args.seq, args.batch, args.lr, args.sft_seq)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    print(json.dumps(row))
+    append_row(args.out, row)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ probe, the share of 64 stories sampled from "Once upon a time" that keep their c
 a given machine; seconds depend on how busy it is (the load average is recorded).
 """
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -32,6 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from zer02llm import corpus  # noqa: E402
+from bench.rows import append_row, read_rows  # noqa: E402
 from zer02llm.config import LLMconfig  # noqa: E402
 from zer02llm.data import PretrainDataset  # noqa: E402
 from zer02llm.evaluate import (copy_probability, probe_accuracy, probe_items, sample_replies,  # noqa: E402
@@ -150,7 +150,7 @@ def _knobs(r: dict) -> str:
 
 
 def table(path: Path = RESULTS) -> str:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = read_rows(path)
     head = ("| knobs (else chapter 08's run) | vocab | copy probability name / thing / colour half-way · at the end | "
             "probe | stories | commonest problems | seconds (load) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -187,10 +187,7 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--{name} must be at least 1")
     row = run(args.cast, args.tokenizer, args.align, args.steps, args.batch, args.lr, args.min_lr_ratio,
               args.n_kv_heads, args.seed, args.eval_every)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    print(json.dumps(row))
+    append_row(args.out, row)
 
 
 if __name__ == "__main__":
