@@ -30,8 +30,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from zer02llm import corpus  # noqa: E402
 from bench.rows import append_row, read_rows  # noqa: E402
+from zer02llm import corpus  # noqa: E402
 from zer02llm.config import LLMconfig  # noqa: E402
 from zer02llm.data import PretrainDataset  # noqa: E402
 from zer02llm.evaluate import (copy_probability, probe_accuracy, probe_items, sample_replies,  # noqa: E402
@@ -69,7 +69,7 @@ CASTS = {"wide": WIDE_CAST, "pieces": PIECES_CAST}
 
 @contextmanager
 def cast_lists(cast: str):
-    """The corpus generator and the story checker read these lists; widen them in place for the block."""
+    """The corpus generator and the story checker read these lists; swap `cast`'s in, in place, for the block."""
     saved = {name: list(getattr(corpus, name)) for name in WIDE_CAST}
     for name, words in CASTS.get(cast, {}).items():
         getattr(corpus, name)[:] = words

@@ -15,8 +15,8 @@ from zer02llm.tokenizer import load_tokenizer
 def test_quick_run_writes_results(tmp_path):
     rows = main(["--quick", "--only", "train,moe,sft,decode,context", "--out", str(tmp_path)])
     names = [r["bench"] for r in rows]
-    assert [" ".join(n.split()[:2]) for n in names] == ["train dense", "train MoE", "train SFT", "decode B1", "decode @",
-                                                         "decode @"], names
+    assert [" ".join(n.split()[:2]) for n in names] == ["train dense", "train MoE", "train SFT", "decode B1",
+                                                         "decode @", "decode @"], names
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["machine"]["quick"] and len(data["rows"]) == len(rows)
     for r in data["rows"]:
@@ -34,7 +34,8 @@ def test_quick_run_writes_results(tmp_path):
 
 def test_memory_worker_reports_peaks(tmp_path, capsys):
     pair = models.make_pair(models.TINY, 64, tmp_path)
-    args = ["--task", "decode", "--hf-dir", str(pair.hf_dir), "--ckpt", str(pair.ckpt), "--prompt", "4", "--new-tokens", "4"]
+    args = ["--task", "decode", "--hf-dir", str(pair.hf_dir), "--ckpt", str(pair.ckpt), "--prompt", "4",
+            "--new-tokens", "4"]
     threads = torch.get_num_threads()
     try:
         for impl in ("zer02llm", "zer02llm fast", "transformers"):

@@ -12,12 +12,12 @@ from torch import nn
 
 from zer02llm import evaluate
 from zer02llm.config import LLMconfig
-from zer02llm.corpus import (BOYS, COLORS, GIRLS, PLACES, REPLIES, STATEMENTS, THINGS, JsonlError, eval_sets, make_story,
-                             make_world, unknown_questions)
+from zer02llm.corpus import (BOYS, COLORS, GIRLS, PLACES, REPLIES, STATEMENTS, THINGS, JsonlError, eval_sets,
+                             make_story, make_world, unknown_questions)
 from zer02llm.evaluate import (CANDIDATES, REFUSAL, answer_accuracy, baselines, check_statements, chat_prompt,
-                               first_sentence, greedy_replies, hallucination_rate, is_correct, is_refusal, probe_accuracy,
-                               probe_items, read_questions, sample_replies, story_consistency, story_problems,
-                               copy_probability)
+                               copy_probability, first_sentence, greedy_replies, hallucination_rate, is_correct,
+                               is_refusal, probe_accuracy, probe_items, read_questions, sample_replies,
+                               story_consistency, story_problems)
 from zer02llm.model import LLM
 from zer02llm.tokenizer import load_tokenizer
 
@@ -197,7 +197,8 @@ def test_single_word_corruptions_are_caught():
         if found:
             word = found.group(0)
             swapped = pronoun[word.lower()]
-            text = story[:found.start()] + (swapped.capitalize() if word[0].isupper() else swapped) + story[found.end():]
+            swapped = swapped.capitalize() if word[0].isupper() else swapped
+            text = story[:found.start()] + swapped + story[found.end():]
             assert any("is called" in p for p in story_problems(text)), text
 
 
