@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from bench.rows import append_row, read_rows  # noqa: E402
+from bench.rows import append_row, markdown_table, read_rows  # noqa: E402
 from zer02llm.config import LLMconfig  # noqa: E402
 from zer02llm.corpus import make_world, write_builtin_dataset  # noqa: E402
 from zer02llm.data import PretrainDataset, SFTDataset  # noqa: E402
@@ -62,16 +62,13 @@ def run(seed: int, steps: int, sft_steps: int, seq: int, batch: int, lr: float, 
 
 
 def table(path: Path = RESULTS) -> str:
-    rows = read_rows(path)
-    head = ("| seed | pretrain steps × batch × seq | lr | SFT steps (seq) | seconds (pre + SFT) | load | probe | "
-            "held-out facts | held-out entities | stories |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        lines.append(f"| {r['seed']} | {r['steps']} × {r['batch']} × {r['seq']} | {r['lr']:g} | {r['sft_steps']} "
-                     f"({r['sft_seq']}) | {r['pretrain_s']:.0f} + {r['sft_s']:.0f} | {r['load']:.1f} | "
-                     f"{r['probe']:.1%} | {r['held_out_facts']:.1%} | {r['held_out_entities']:.1%} | "
-                     f"{r['stories']:.0%} |")
-    return "\n".join(lines)
+    columns = ["seed", "pretrain steps × batch × seq", "lr", "SFT steps (seq)", "seconds (pre + SFT)", "load",
+               "probe", "held-out facts", "held-out entities", "stories"]
+    cells = [[str(r["seed"]), f"{r['steps']} × {r['batch']} × {r['seq']}", f"{r['lr']:g}",
+              f"{r['sft_steps']} ({r['sft_seq']})", f"{r['pretrain_s']:.0f} + {r['sft_s']:.0f}", f"{r['load']:.1f}",
+              f"{r['probe']:.1%}", f"{r['held_out_facts']:.1%}", f"{r['held_out_entities']:.1%}", f"{r['stories']:.0%}"]
+             for r in read_rows(path)]
+    return markdown_table(columns, cells)
 
 
 def main(argv: list[str] | None = None) -> None:

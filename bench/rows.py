@@ -13,3 +13,9 @@ def append_row(path: Path, row: dict) -> None:
 
 def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
+    """A markdown table of the rows' cells under the column titles (as bench/README.md shows them)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])

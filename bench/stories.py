@@ -30,7 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.rows import append_row, read_rows  # noqa: E402
+from bench.rows import append_row, markdown_table, read_rows  # noqa: E402
 from zer02llm import corpus  # noqa: E402
 from zer02llm.config import LLMconfig  # noqa: E402
 from zer02llm.data import PretrainDataset  # noqa: E402
@@ -150,18 +150,18 @@ def _knobs(r: dict) -> str:
 
 
 def table(path: Path = RESULTS) -> str:
-    rows = read_rows(path)
-    head = ("| knobs (else chapter 08's run) | vocab | copy probability name / thing / colour half-way · at the end | "
-            "probe | stories | commonest problems | seconds (load) |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
+    columns = ["knobs (else chapter 08's run)", "vocab",
+               "copy probability name / thing / colour half-way · at the end", "probe", "stories",
+               "commonest problems", "seconds (load)"]
+    cells = []
+    for r in read_rows(path):
         at = {c["step"]: c for c in r["copying"]}
         copying = " · ".join(f"{at[s]['name']:.2f} / {at[s]['thing']:.2f} / {at[s]['color']:.2f}"
                              for s in (r["steps"] // 2, r["steps"]) if s in at)
         problems = ", ".join(f"{k} ({n})" for k, n in r["problems"].items())
-        lines.append(f"| {_knobs(r)} | {r['vocab']} | {copying} | {r['probe']:.1%} | {r['stories']:.0%} | "
-                     f"{problems} | {r['seconds']:.0f} ({r['load']:.1f}) |")
-    return "\n".join(lines)
+        cells.append([_knobs(r), str(r["vocab"]), copying, f"{r['probe']:.1%}", f"{r['stories']:.0%}", problems,
+                      f"{r['seconds']:.0f} ({r['load']:.1f})"])
+    return markdown_table(columns, cells)
 
 
 def main(argv: list[str] | None = None) -> None:
