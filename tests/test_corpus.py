@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from zer02llm import corpus
-from zer02llm.corpus import (CANDIDATES, COLORS, FILES, FIRST_NAMES, KIND_RELATIONS, LANDS, LAST_NAMES, N_UNKNOWN,
-                             QUESTIONS, REFUSAL, REPLIES, RIVERS, STATEMENTS, THINGS, TOWNS, Fact, JsonlError,
+from zer02llm.corpus import (CANDIDATES, CAST, FILES, FIRST_NAMES, KIND_RELATIONS, LANDS, LAST_NAMES, N_UNKNOWN,
+                             QUESTIONS, REFUSAL, REPLIES, RIVERS, STATEMENTS, TOWNS, Fact, JsonlError,
                              check_conversation, check_text, iter_jsonl, make_story, make_world, preference_records,
                              reply, unknown_entities, unknown_questions, write_builtin_dataset, write_jsonl)
 
@@ -119,11 +119,11 @@ def test_stories_keep_their_cast():
     rng = random.Random(0)
     for _ in range(300):
         story, cast = make_story(rng)
-        pairs = re.findall(rf"\b({'|'.join(COLORS)}) ({'|'.join(THINGS)})\b", story)
+        pairs = re.findall(rf"\b({'|'.join(CAST.colors)}) ({'|'.join(CAST.things)})\b", story)
         assert pairs and all(p == (cast["color"], cast["thing"]) for p in pairs), (story, cast)
         assert cast["name"] in story and cast["place"] in story and cast["name"] != cast["friend"]
-    story, cast = make_story(random.Random(1), name="Mia", color="red", thing="kite")
-    assert cast["he"] == "she" and "red kite" in story and " blue kite" not in story
+    story, cast = make_story(random.Random(1), name="Grace", color="teal", thing="lamp")
+    assert cast["he"] == "she" and "teal lamp" in story and " gold lamp" not in story
 
 
 # ---- preference pairs (chapter 12) and the entities the model cannot know ---------------------------------------

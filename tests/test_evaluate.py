@@ -12,7 +12,7 @@ from torch import nn
 
 from zer02llm import evaluate
 from zer02llm.config import LLMconfig
-from zer02llm.corpus import (BOYS, COLORS, GIRLS, PLACES, REPLIES, STATEMENTS, THINGS, JsonlError, eval_sets,
+from zer02llm.corpus import (CAST, FIRST_CAST, REPLIES, STATEMENTS, JsonlError, eval_sets,
                              make_story, make_world, unknown_questions)
 from zer02llm.evaluate import (CANDIDATES, REFUSAL, answer_accuracy, baselines, check_statements, chat_prompt,
                                copy_probability, first_sentence, greedy_replies, hallucination_rate, is_correct,
@@ -166,6 +166,8 @@ def test_every_generated_story_is_consistent():
     rng = random.Random(0)
     stories = [make_story(rng)[0] for _ in range(2000)]
     assert story_consistency(stories) == 1.0, next(s for s in stories if story_problems(s))
+    first = [make_story(rng, FIRST_CAST)[0] for _ in range(200)]  # judged by their own cast, or not stories at all
+    assert story_consistency(first, FIRST_CAST) == 1.0 and story_consistency(first) == 0
 
 
 def _swap(text: str, old: str, new: str) -> str:
@@ -180,11 +182,11 @@ def test_single_word_corruptions_are_caught():
     for _ in range(200):
         story, cast = make_story(rng)
         other = lambda pool, *used: next(w for w in pool if w not in used)  # noqa: E731
-        third = other(GIRLS + BOYS, cast["name"], cast["friend"])
+        third = other(CAST.children, cast["name"], cast["friend"])
         corrupted = {
-            "thing": _swap(story, cast["thing"], other(THINGS, cast["thing"])),
-            "colour": _swap(story, cast["color"], other(COLORS, cast["color"])),
-            "place": _swap(story, cast["place"], other(PLACES, cast["place"])),
+            "thing": _swap(story, cast["thing"], other(CAST.things, cast["thing"])),
+            "colour": _swap(story, cast["color"], other(CAST.colors, cast["color"])),
+            "place": _swap(story, cast["place"], other(CAST.places, cast["place"])),
             "child": _swap(story, cast["name"], third),
         }
         mentions = {k: len(re.findall(rf"\b{cast[v]}\b", story)) for k, v in
@@ -203,7 +205,7 @@ def test_single_word_corruptions_are_caught():
 
 
 def test_non_stories_are_not_consistent():
-    for text in ["", "Korvel lies on the river Sora.", "Mia had a kite.", "12 plus 3 is 15."]:
+    for text in ["", "Korvel lies on the river Sora.", "Grace had a lamp.", "12 plus 3 is 15."]:
         assert story_problems(text), text
 
 
@@ -245,6 +247,16 @@ class _Peeking(nn.Module):
 
 def test_copy_probability_reads_the_right_positions(tok):
     for p in (1.0, 0.5, 0.0):
-        got = copy_probability(_Peeking(tok.vocab_size, p), tok, n_stories=10)
-        want = p + (1 - p) / tok.vocab_size  # every cast word of the built-in stories is one token
+        got = copy_probability(_Peeking(tok.vocab_size, p), tok, n_stories=10, cast=FIRST_CAST)
+        want = p + (1 - p) / tok.vocab_size  # every word of the first edition's cast is one token
         assert set(got) == {"name", "thing", "color"} and all(abs(v - want) < 1e-5 for v in got.values()), (p, got)
+
+
+def test_copy_probability_multiplies_the_pieces_of_a_word(tok):
+    """Today's cast words are 2 to 6 tokens each: a word's probability is the product over its pieces."""
+    pieces = [len(tok.encode(" " + w)) for w in CAST.children + CAST.things + CAST.colors]
+    assert min(pieces) == 2 and max(pieces) == 6
+    assert all(abs(v - 1) < 1e-5 for v in copy_probability(_Peeking(tok.vocab_size, 1.0), tok, n_stories=10).values())
+    q = 0.5 + 0.5 / tok.vocab_size
+    got = copy_probability(_Peeking(tok.vocab_size, 0.5), tok, n_stories=10)
+    assert all(q ** 6 - 1e-6 <= v <= q ** 2 + 1e-6 for v in got.values()), got

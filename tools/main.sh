@@ -18,9 +18,9 @@ RUN=(--batch_size 16 --accumulation_steps 1 --log_interval 100 --eval_interval 1
 echo "== 1/4 data: the built-in tiny-world corpus"
 python -m zer02llm.corpus --out "$WORK/dataset"
 
-echo "== 2/4 pretraining (900 steps of 16 x 128 tokens: two passes over the corpus, long enough to store its facts)"
+echo "== 2/4 pretraining (1100 steps of 16 x 128 tokens: two passes, long enough to store the facts and to copy)"
 python zer02llm/train.py --mode pretrain --data_path "$WORK/dataset/pretrain_hq.jsonl" "${SIZE[@]}" "${RUN[@]}" \
-    --max_seq_len 128 --learning_rate 4e-3 --warmup_iters 20 --epochs 2 --max_steps 900
+    --max_seq_len 128 --learning_rate 4e-3 --warmup_iters 20 --epochs 2 --max_steps 1100
 
 # The validation lines score the held-out questions found beside the data: eval_facts and eval_entities.
 # 200 steps: one pass over the SFT data. At 120 steps this run answered 84 % of the held-out people's questions

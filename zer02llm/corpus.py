@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['TOWNS', 'RIVERS', 'LANDS', 'FOODS', 'FIRST_NAMES', 'LAST_NAMES', 'JOBS', 'N_PEOPLE', 'HELD_OUT_PEOPLE', 'HELD_OUT',
-           'STATEMENTS', 'QUESTIONS', 'REPLIES', 'GIRLS', 'BOYS', 'THINGS', 'COLORS', 'PLACES', 'STORY_PLOTS',
-           'IDENTITY_QUESTIONS', 'IDENTITY_REPLIES', 'SYSTEM_PROMPTS', 'REFUSAL', 'CANDIDATES', 'KIND_RELATIONS',
-           'N_UNKNOWN', 'N_EVAL_UNKNOWN', 'DEFAULT_SIZE_MB', 'SFT_SHARE', 'FILES', 'ROLES', 'HUB_SOURCES',
-           'STORY_SEPARATOR', 'Fact', 'World', 'make_world', 'state', 'ask', 'reply', 'town_page', 'person_page',
-           'question_page', 'make_story', 'arithmetic', 'math_page', 'sft_conversation', 'questions_about', 'eval_sets',
+           'STATEMENTS', 'QUESTIONS', 'REPLIES', 'CAST', 'FIRST_CAST', 'STORY_PLOTS', 'IDENTITY_QUESTIONS',
+           'IDENTITY_REPLIES', 'SYSTEM_PROMPTS', 'REFUSAL', 'CANDIDATES', 'KIND_RELATIONS', 'N_UNKNOWN',
+           'N_EVAL_UNKNOWN', 'DEFAULT_SIZE_MB', 'SFT_SHARE', 'FILES', 'ROLES', 'HUB_SOURCES', 'STORY_SEPARATOR', 'Fact',
+           'World', 'make_world', 'state', 'ask', 'reply', 'town_page', 'person_page', 'question_page', 'Cast',
+           'make_story', 'arithmetic', 'math_page', 'sft_conversation', 'questions_about', 'eval_sets',
            'unknown_entities', 'preference_records', 'unknown_questions', 'pretrain_records', 'sft_records',
            'take_bytes', 'write_jsonl', 'builtin_records', 'write_builtin_dataset', 'JsonlError', 'JsonlLine',
            'check_text', 'check_messages', 'check_conversation', 'iter_jsonl', 'hub_download', 'read_stories',
@@ -22,7 +22,7 @@ import os
 import random
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
 
@@ -180,11 +180,36 @@ def question_page(world: World, rng: random.Random) -> str:
     return f"Questions about {subject}\n" + "\n".join(pairs)
 
 # %% ../notebooks/07a_corpus.ipynb #stories
-GIRLS = ["Mia", "Lily", "Anna", "Zoe", "Emma", "Ruby", "Nora", "Ella"]
-BOYS = ["Tom", "Ben", "Sam", "Leo", "Max", "Jack", "Finn", "Owen"]
-THINGS = ["kite", "ball", "boat", "hat", "book", "drum", "bike", "balloon", "wagon", "shovel"]
-COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "pink", "white"]
-PLACES = ["the park", "the beach", "the forest", "the hill", "the garden", "the lake", "the farm", "the meadow"]
+@dataclass(frozen=True)
+class Cast:
+    """The words a story draws its cast from: two children (with the pronouns of the first), a thing, its colour and
+    a place. The counting sums of the math pages borrow the children."""
+    girls: tuple[str, ...]
+    boys: tuple[str, ...]
+    things: tuple[str, ...]
+    colors: tuple[str, ...]
+    places: tuple[str, ...]
+
+    @property
+    def children(self) -> tuple[str, ...]:
+        return self.girls + self.boys
+
+
+# The stories' cast: as many children, things, colours and places as the first edition's (below), and none of them a
+# word the shipped tokenizer has seen whole (chapter 07b), so the model reads every one in pieces (chapter 08 measures
+# why that helps).
+CAST = Cast(girls=("Ava", "Lucy", "Grace", "Chloe", "Ivy", "Rose", "Amy", "Kate"),
+            boys=("Noah", "Liam", "Eli", "Adam", "Luke", "Ryan", "Jake", "Paul"),
+            things=("lamp", "cup", "sled", "puzzle", "teddy", "robot", "truck", "doll", "flute", "bell"),
+            colors=("black", "brown", "gold", "silver", "violet", "tan", "navy", "teal"),
+            places=("the zoo", "the pond", "the woods", "the field", "the school", "the yard", "the square", "the cave"))
+# The first edition's cast: the corpus the shipped tokenizer was trained on, where each of these words is one token.
+FIRST_CAST = Cast(
+    girls=("Mia", "Lily", "Anna", "Zoe", "Emma", "Ruby", "Nora", "Ella"),
+    boys=("Tom", "Ben", "Sam", "Leo", "Max", "Jack", "Finn", "Owen"),
+    things=("kite", "ball", "boat", "hat", "book", "drum", "bike", "balloon", "wagon", "shovel"),
+    colors=("red", "blue", "green", "yellow", "purple", "orange", "pink", "white"),
+    places=("the park", "the beach", "the forest", "the hill", "the garden", "the lake", "the farm", "the meadow"))
 
 STORY_PLOTS = [
     [  # lost and found
@@ -226,17 +251,18 @@ STORY_PLOTS = [
 ]
 
 
-def make_story(rng: random.Random, **cast) -> tuple[str, dict[str, str]]:
-    """A story and its cast (name, friend, thing, color, place, ...); pass any cast member to fix it."""
-    girl = cast.get("name") in GIRLS if "name" in cast else rng.random() < 0.5
-    name = cast.get("name") or rng.choice(GIRLS if girl else BOYS)
-    friend = cast.get("friend") or rng.choice([n for n in GIRLS + BOYS if n != name])
-    cast = {"name": name, "friend": friend, "thing": cast.get("thing") or rng.choice(THINGS),
-            "color": cast.get("color") or rng.choice(COLORS), "place": cast.get("place") or rng.choice(PLACES),
-            "kid": "girl" if girl else "boy", "he": "she" if girl else "he", "his": "her" if girl else "his"}
-    words = dict(cast, He=cast["he"].capitalize(), His=cast["his"].capitalize())
+def make_story(rng: random.Random, cast: Cast = CAST, **fixed) -> tuple[str, dict[str, str]]:
+    """A story and its picks from `cast` (name, friend, thing, color, place, ...); pass any of them to fix it."""
+    girl = fixed["name"] in cast.girls if "name" in fixed else rng.random() < 0.5
+    name = fixed.get("name") or rng.choice(cast.girls if girl else cast.boys)
+    friend = fixed.get("friend") or rng.choice([n for n in cast.children if n != name])
+    picks = {"name": name, "friend": friend, "thing": fixed.get("thing") or rng.choice(cast.things),
+             "color": fixed.get("color") or rng.choice(cast.colors),
+             "place": fixed.get("place") or rng.choice(cast.places),
+             "kid": "girl" if girl else "boy", "he": "she" if girl else "he", "his": "her" if girl else "his"}
+    words = dict(picks, He=picks["he"].capitalize(), His=picks["his"].capitalize())
     sentences = [rng.choice(options).format(**words) for options in rng.choice(STORY_PLOTS)]
-    return " ".join(sentences), cast
+    return " ".join(sentences), picks
 
 # %% ../notebooks/07a_corpus.ipynb #math
 def arithmetic(rng: random.Random) -> tuple[str, str, str]:
@@ -252,13 +278,13 @@ def arithmetic(rng: random.Random) -> tuple[str, str, str]:
     return f"What is {a} {sym} {b}?", f"{a} {sym} {b} = {c}.", str(c)
 
 
-def math_page(rng: random.Random) -> str:
+def math_page(rng: random.Random, cast: Cast = CAST) -> str:
     lines = []
     for _ in range(rng.randint(4, 8)):
         if rng.random() < 0.7:
             lines.append(arithmetic(rng)[1])
         else:
-            name, friend = rng.sample(GIRLS + BOYS, 2)
+            name, friend = rng.sample(cast.children, 2)
             a, b = rng.randint(1, 12), rng.randint(1, 8)
             things = rng.choice(["marbles", "shells", "stickers", "stones"])
             lines.append(f"{name} had {a} {things}. {friend} gave {name} {b} more. Now {name} has {a + b} {things}.")
@@ -284,8 +310,8 @@ def _math_turn(rng: random.Random) -> list[dict]:
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
 
-def _story_turns(rng: random.Random) -> list[dict]:
-    story, c = make_story(rng)
+def _story_turns(rng: random.Random, cast: Cast) -> list[dict]:
+    story, c = make_story(rng, cast)
     request = rng.choice([f"Tell me a story about {c['name']}.",
                           f"Write a short story about a {c['color']} {c['thing']}.",
                           f"Tell me a story about {c['name']} and {c['friend']}.", "Tell me a short story."])
@@ -298,14 +324,14 @@ def _story_turns(rng: random.Random) -> list[dict]:
     return turns
 
 
-def sft_conversation(world: World, rng: random.Random) -> list[dict]:
+def sft_conversation(world: World, rng: random.Random, cast: Cast = CAST) -> list[dict]:
     kind = rng.choices(["fact", "math", "story", "multi", "identity"], weights=[35, 15, 25, 20, 5])[0]
     if kind == "fact":
         turns = _fact_turn(world, rng)
     elif kind == "math":
         turns = _math_turn(rng)
     elif kind == "story":
-        turns = _story_turns(rng)
+        turns = _story_turns(rng, cast)
     elif kind == "multi":
         turns = []
         for _ in range(rng.randint(2, 3)):
@@ -350,7 +376,7 @@ _ENDINGS = {"town": ["vel", "mire", "wick", "stead", "holm", "ford", "mouth", "g
 
 def _corpus_words() -> set[str]:
     """Every word (lower-cased) of the world's word lists and templates: no unknown name may be one of them."""
-    texts = [TOWNS, RIVERS, LANDS, FOODS, FIRST_NAMES, LAST_NAMES, JOBS, GIRLS, BOYS, THINGS, COLORS, PLACES,
+    texts = [TOWNS, RIVERS, LANDS, FOODS, FIRST_NAMES, LAST_NAMES, JOBS, *astuple(CAST), *astuple(FIRST_CAST),
              STATEMENTS, QUESTIONS, REPLIES, STORY_PLOTS, IDENTITY_QUESTIONS, IDENTITY_REPLIES, SYSTEM_PROMPTS]
     return {w.lower() for w in re.findall(r"[A-Za-z]+", json.dumps(texts))}
 
@@ -425,13 +451,13 @@ def _json_line(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False) + "\n"
 
 
-def pretrain_records(world: World, seed: int) -> Iterator[dict]:
+def pretrain_records(world: World, seed: int, cast: Cast = CAST) -> Iterator[dict]:
     """An endless, seeded stream of {"text": ...} documents: stories, pages, question pages and sums."""
     rng = random.Random(f"zer02llm-pretrain-{seed}")
     while True:
         kind = rng.choices(["story", "town", "person", "questions", "math"], weights=[35, 15, 15, 20, 15])[0]
         if kind == "story":
-            text = make_story(rng)[0]
+            text = make_story(rng, cast)[0]
         elif kind == "town":
             text = town_page(world, rng.choice(list(world.towns)), rng)
         elif kind == "person":
@@ -439,15 +465,15 @@ def pretrain_records(world: World, seed: int) -> Iterator[dict]:
         elif kind == "questions":
             text = question_page(world, rng)
         else:
-            text = math_page(rng)
+            text = math_page(rng, cast)
         yield {"text": text}
 
 
-def sft_records(world: World, seed: int) -> Iterator[dict]:
+def sft_records(world: World, seed: int, cast: Cast = CAST) -> Iterator[dict]:
     """An endless, seeded stream of {"conversations": [...]} examples."""
     rng = random.Random(f"zer02llm-sft-{seed}")
     while True:
-        yield {"conversations": sft_conversation(world, rng)}
+        yield {"conversations": sft_conversation(world, rng, cast)}
 
 
 def take_bytes(records: Iterable[dict], size_bytes: int) -> Iterator[dict]:
@@ -485,19 +511,19 @@ def _check_out_dir(out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def builtin_records(seed: int = 0, size_mb: float = DEFAULT_SIZE_MB) -> dict[str, Iterator[dict]]:
+def builtin_records(seed: int = 0, size_mb: float = DEFAULT_SIZE_MB, cast: Cast = CAST) -> dict[str, Iterator[dict]]:
     """The records of the built-in pretraining ("pretrain") and SFT ("sft") files, as streams."""
     _check_size_mb(size_mb)
     world, size = make_world(seed), int(size_mb * 1e6)
-    return {"pretrain": take_bytes(pretrain_records(world, seed), size),
-            "sft": take_bytes(sft_records(world, seed), int(size * SFT_SHARE))}
+    return {"pretrain": take_bytes(pretrain_records(world, seed, cast), size),
+            "sft": take_bytes(sft_records(world, seed, cast), int(size * SFT_SHARE))}
 
 
-def write_builtin_dataset(out_dir: str | os.PathLike = "dataset", seed: int = 0,
-                          size_mb: float = DEFAULT_SIZE_MB) -> dict[str, Path]:
+def write_builtin_dataset(out_dir: str | os.PathLike = "dataset", seed: int = 0, size_mb: float = DEFAULT_SIZE_MB,
+                          cast: Cast = CAST) -> dict[str, Path]:
     """Write the tiny world's pretraining, SFT, preference and evaluation files; return their paths by the keys of
     `FILES`. The preference pairs and the unknown-entity questions do not depend on `size_mb`."""
-    out, records, world = _check_out_dir(out_dir), builtin_records(seed, size_mb), make_world(seed)
+    out, records, world = _check_out_dir(out_dir), builtin_records(seed, size_mb, cast), make_world(seed)
     records |= {"dpo": preference_records(world, seed), **eval_sets(world), "eval_unknown": unknown_questions(seed)}
     return {key: write_jsonl(out / name, records[key]) for key, name in FILES.items()}
 

@@ -19,8 +19,7 @@ from typing import Iterable
 
 import torch
 
-from .corpus import (BOYS, CANDIDATES, COLORS, GIRLS, PLACES, REFUSAL, REPLIES, STATEMENTS, THINGS, World,
-                             iter_jsonl, make_story)
+from .corpus import CANDIDATES, CAST, REFUSAL, REPLIES, STATEMENTS, Cast, World, iter_jsonl, make_story
 from .generate import generate
 
 # %% ../notebooks/07d_evaluate.ipynb #batch
@@ -185,16 +184,16 @@ def check_statements(text: str, world: World) -> list[tuple[str, str]]:
     return out
 
 # %% ../notebooks/07d_evaluate.ipynb #stories
-def _found(text: str, words: list[str]) -> list[str]:
+def _found(text: str, words: Iterable[str]) -> list[str]:
     """The words of the list that occur in the text, in order of first occurrence."""
     hits = [(m.start(), w) for w in words for m in [re.search(rf"\b{re.escape(w)}\b", text)] if m]
     return [w for _, w in sorted(hits)]
 
 
-def story_problems(text: str) -> list[str]:
+def story_problems(text: str, cast: Cast = CAST) -> list[str]:
     """What breaks the story's consistency (empty when there is nothing to object to)."""
-    children, things = _found(text, GIRLS + BOYS), _found(text, THINGS)
-    colors, places = _found(text, COLORS), _found(text, PLACES)
+    children, things = _found(text, cast.children), _found(text, cast.things)
+    colors, places = _found(text, cast.colors), _found(text, cast.places)
     missing = [kind for kind, found in (("child", children), ("thing", things), ("colour", colors), ("place", places))
                if not found]
     problems = [f"not a story: no {', no '.join(missing)}"] if missing else []
@@ -202,31 +201,31 @@ def story_problems(text: str) -> list[str]:
     problems += [f"{kind} change: {', '.join(found)}" for kind, found in
                  (("things", things), ("colours", colors), ("places", places)) if len(found) > 1]
     if children:
-        wrong = r"\b(he|his|him)\b" if children[0] in GIRLS else r"\b(she|her|hers)\b"
+        wrong = r"\b(he|his|him)\b" if children[0] in cast.girls else r"\b(she|her|hers)\b"
         if re.search(wrong, text, flags=re.IGNORECASE):
             problems.append(f"{children[0]} is called {re.search(wrong, text, flags=re.IGNORECASE).group(0)}")
     return problems
 
 
-def story_consistency(texts: Iterable[str]) -> float:
+def story_consistency(texts: Iterable[str], cast: Cast = CAST) -> float:
     """Share of texts with no story problem."""
     texts = list(texts)
-    return sum(not story_problems(t) for t in texts) / len(texts)
+    return sum(not story_problems(t, cast) for t in texts) / len(texts)
 
 # %% ../notebooks/07d_evaluate.ipynb #copying
 @torch.no_grad()
-def copy_probability(model, tokenizer, n_stories: int = 60, seed: int = 123) -> dict[str, float]:
+def copy_probability(model, tokenizer, n_stories: int = 60, seed: int = 123, cast: Cast = CAST) -> dict[str, float]:
     """Mean probability of the right word at every repeated mention of a story's hero ("name"), "thing" and "color",
     in `n_stories` generated stories read teacher-forced (cut to the model's context)."""
     rng, found = random.Random(seed), {"name": [], "thing": [], "color": []}
     model.eval()
     device = next(model.parameters()).device
     for _ in range(n_stories):
-        story, cast = make_story(rng)
+        story, picks = make_story(rng, cast)
         ids = ([tokenizer.bos_id] + tokenizer.encode(story))[:model.config.max_seq_len]
         logp = model(torch.tensor([ids], device=device)).logits[0].float().log_softmax(-1).cpu()
         for key, hits in found.items():
-            word = tokenizer.encode(" " + cast[key])
+            word = tokenizer.encode(" " + picks[key])
             starts = [i for i in range(1, len(ids) - len(word) + 1) if ids[i:i + len(word)] == word]
             hits += [sum(logp[i + j - 1, t].item() for j, t in enumerate(word)) for i in starts[1:]]
     return {key: sum(math.exp(h) for h in hits) / len(hits) for key, hits in found.items()}
