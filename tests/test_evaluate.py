@@ -204,6 +204,22 @@ def test_single_word_corruptions_are_caught():
             assert any("is called" in p for p in story_problems(text)), text
 
 
+def test_the_hero_keeps_its_kind_and_is_not_its_own_friend():
+    rng, swapped, merged = random.Random(2), 0, 0
+    for _ in range(200):
+        story, cast = make_story(rng)
+        kid = re.search(r"\ba (girl|boy) named ", story)
+        if kid:
+            other = "boy" if kid.group(1) == "girl" else "girl"
+            text = story[:kid.start()] + f"a {other} named " + story[kid.end():]
+            assert f"{cast['name']} is called a {other}" in story_problems(text), text
+            swapped += 1
+        text = re.sub(rf"\b{cast['friend']}\b", cast["name"], story)  # the friend becomes the hero
+        assert f"{cast['name']} is {cast['name']}'s own friend" in story_problems(text), text
+        merged += 1
+    assert swapped > 20 and merged == 200
+
+
 def test_non_stories_are_not_consistent():
     for text in ["", "Korvel lies on the river Sora.", "Grace had a lamp.", "12 plus 3 is 15."]:
         assert story_problems(text), text

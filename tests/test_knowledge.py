@@ -4,13 +4,13 @@ import json
 
 from bench.knowledge import run, table
 
-# Measured for this budget (bench/results/knowledge.jsonl): probe 96 %, held-out facts 70 %, held-out people 75 %;
+# Measured for this budget (bench/results/knowledge.jsonl): probe 92 %, held-out facts 69 %, held-out people 88 %;
 # chance is 10 % and 6 %. The floors leave room for other CPUs' arithmetic, not for a pipeline that learns nothing.
 PROBE, FACTS, ENTITIES = 0.85, 0.5, 0.5
 
 
 def test_another_world_is_learned_and_its_held_out_questions_answered(tmp_path):
-    row = run(seed=1, steps=450, sft_steps=60, seq=128, batch=16, lr=3e-3, sft_seq=64)  # most of one pass
+    row = run(seed=1, steps=450, sft_steps=60, seq=128, batch=16, lr=4e-3, sft_seq=64)  # most of one pass
     assert row["probe"] >= PROBE, row
     assert row["held_out_facts"] >= FACTS and row["held_out_entities"] >= ENTITIES, row
     results = tmp_path / "rows.jsonl"

@@ -201,9 +201,15 @@ def story_problems(text: str, cast: Cast = CAST) -> list[str]:
     problems += [f"{kind} change: {', '.join(found)}" for kind, found in
                  (("things", things), ("colours", colors), ("places", places)) if len(found) > 1]
     if children:
-        wrong = r"\b(he|his|him)\b" if children[0] in cast.girls else r"\b(she|her|hers)\b"
+        hero = children[0]
+        wrong = r"\b(he|his|him)\b" if hero in cast.girls else r"\b(she|her|hers)\b"
         if re.search(wrong, text, flags=re.IGNORECASE):
-            problems.append(f"{children[0]} is called {re.search(wrong, text, flags=re.IGNORECASE).group(0)}")
+            problems.append(f"{hero} is called {re.search(wrong, text, flags=re.IGNORECASE).group(0)}")
+        named = re.search(rf"\ba (girl|boy) named {re.escape(hero)}\b", text)
+        if named and (named.group(1) == "girl") != (hero in cast.girls):
+            problems.append(f"{hero} is called a {named.group(1)}")
+        if re.search(rf"\b(friend|with|met|asked|Thank you,) {re.escape(hero)}\b", text):  # the friend's places
+            problems.append(f"{hero} is {hero}'s own friend")
     return problems
 
 
