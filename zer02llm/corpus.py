@@ -202,7 +202,8 @@ CAST = Cast(girls=("Ava", "Lucy", "Grace", "Chloe", "Ivy", "Rose", "Amy", "Kate"
             boys=("Noah", "Liam", "Eli", "Adam", "Luke", "Ryan", "Jake", "Paul"),
             things=("lamp", "cup", "sled", "puzzle", "teddy", "robot", "truck", "doll", "flute", "bell"),
             colors=("black", "brown", "gold", "silver", "violet", "tan", "navy", "teal"),
-            places=("the zoo", "the pond", "the woods", "the field", "the school", "the yard", "the square", "the cave"))
+            places=("the zoo", "the pond", "the woods", "the field", "the school", "the yard", "the square",
+                    "the cave"))
 # The first edition's cast: the corpus the shipped tokenizer was trained on, where each of these words is one token.
 FIRST_CAST = Cast(
     girls=("Mia", "Lily", "Anna", "Zoe", "Emma", "Ruby", "Nora", "Ella"),
