@@ -1,6 +1,6 @@
 """Time to knowledge: how much pretraining and fine-tuning the tiny world needs before the model knows it.
 
-`python -m bench.knowledge [--cast builtin] [--seed 0] [--steps 1100] [--sft_steps 120] [--seq 128] [--batch 16]
+`python -m bench.knowledge [--cast builtin] [--seed 0] [--steps 1182] [--sft_steps 120] [--seq 128] [--batch 16]
 [--lr 4e-3] [--sft_seq 64] [--out bench/results/knowledge.jsonl]` runs the course's CPU recipe (chapter 08's
 pretraining, then chapter 09's full SFT) with the given knobs and appends one row: wall seconds, training tokens, the
 fact probe and the share of 64 sampled stories that keep their cast after pretraining, strict accuracy on the held-out
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.knowledge", description=__doc__.split("\n\n")[0])
     p.add_argument("--cast", choices=list(CASTS), default="builtin", help="the stories' cast (bench/stories.py)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1100)
+    p.add_argument("--steps", type=int, default=1182, help="two passes over world seed 0's corpus")
     p.add_argument("--sft_steps", type=int, default=120)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)

@@ -18,9 +18,9 @@ RUN=(--batch_size 16 --accumulation_steps 1 --log_interval 100 --eval_interval 1
 echo "== 1/4 data: the built-in tiny-world corpus"
 python -m zer02llm.corpus --out "$WORK/dataset"
 
-echo "== 2/4 pretraining (1100 steps of 16 x 128 tokens: two passes, long enough to store the facts and to copy)"
+echo "== 2/4 pretraining (two passes over the corpus: 1182 steps of 16 x 128 tokens, to store the facts and to copy)"
 python zer02llm/train.py --mode pretrain --data_path "$WORK/dataset/pretrain_hq.jsonl" "${SIZE[@]}" "${RUN[@]}" \
-    --max_seq_len 128 --learning_rate 4e-3 --warmup_iters 20 --epochs 2 --max_steps 1100
+    --max_seq_len 128 --learning_rate 4e-3 --warmup_iters 20 --epochs 2
 
 # The validation lines score the held-out questions found beside the data: eval_facts and eval_entities.
 # 200 steps: one pass over the SFT data. At step 50 this run answered 96 % of the held-out facts and 88 % of the

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['TOWNS', 'RIVERS', 'LANDS', 'FOODS', 'FIRST_NAMES', 'LAST_NAMES', 'JOBS', 'N_PEOPLE', 'HELD_OUT_PEOPLE', 'HELD_OUT',
-           'STATEMENTS', 'QUESTIONS', 'REPLIES', 'CAST', 'FIRST_CAST', 'STORY_PLOTS', 'IDENTITY_QUESTIONS',
+           'STATEMENTS', 'QUESTIONS', 'REPLIES', 'CAST', 'FIRST_CAST', 'OPENINGS', 'STORY_PLOTS', 'IDENTITY_QUESTIONS',
            'IDENTITY_REPLIES', 'SYSTEM_PROMPTS', 'REFUSAL', 'CANDIDATES', 'KIND_RELATIONS', 'N_UNKNOWN',
            'N_EVAL_UNKNOWN', 'DEFAULT_SIZE_MB', 'SFT_SHARE', 'FILES', 'ROLES', 'HUB_SOURCES', 'STORY_SEPARATOR', 'Fact',
            'World', 'make_world', 'state', 'ask', 'reply', 'town_page', 'person_page', 'question_page', 'Cast',
@@ -183,12 +183,14 @@ def question_page(world: World, rng: random.Random) -> str:
 @dataclass(frozen=True)
 class Cast:
     """The words a story draws its cast from: two children (with the pronouns of the first), a thing, its colour and
-    a place. The counting sums of the math pages borrow the children."""
+    a place. The counting sums of the math pages borrow the children. `kind_first` is how the first sentence
+    introduces the hero: "a girl named Mia" (the first edition) or "Ava, a little girl" (today's)."""
     girls: tuple[str, ...]
     boys: tuple[str, ...]
     things: tuple[str, ...]
     colors: tuple[str, ...]
     places: tuple[str, ...]
+    kind_first: bool = False
 
     @property
     def children(self) -> tuple[str, ...]:
@@ -197,25 +199,30 @@ class Cast:
 
 # The stories' cast: as many children, things, colours and places as the first edition's (below), and none of them a
 # word the shipped tokenizer has seen whole (chapter 07b), so the model reads every one in pieces (chapter 08 measures
-# why that helps).
+# why that helps). No two places begin with the same piece: "the school" and "the square" (both " s") were swapped.
 CAST = Cast(girls=("Ava", "Lucy", "Grace", "Chloe", "Ivy", "Rose", "Amy", "Kate"),
             boys=("Noah", "Liam", "Eli", "Adam", "Luke", "Ryan", "Jake", "Paul"),
             things=("lamp", "cup", "sled", "puzzle", "teddy", "robot", "truck", "doll", "flute", "bell"),
             colors=("black", "brown", "gold", "silver", "violet", "tan", "navy", "teal"),
-            places=("the zoo", "the pond", "the woods", "the field", "the school", "the yard", "the square",
-                    "the cave"))
+            places=("the zoo", "the pond", "the woods", "the field", "the school", "the yard", "the barn", "the cave"))
 # The first edition's cast: the corpus the shipped tokenizer was trained on, where each of these words is one token.
 FIRST_CAST = Cast(
     girls=("Mia", "Lily", "Anna", "Zoe", "Emma", "Ruby", "Nora", "Ella"),
     boys=("Tom", "Ben", "Sam", "Leo", "Max", "Jack", "Finn", "Owen"),
     things=("kite", "ball", "boat", "hat", "book", "drum", "bike", "balloon", "wagon", "shovel"),
     colors=("red", "blue", "green", "yellow", "purple", "orange", "pink", "white"),
-    places=("the park", "the beach", "the forest", "the hill", "the garden", "the lake", "the farm", "the meadow"))
+    places=("the park", "the beach", "the forest", "the hill", "the garden", "the lake", "the farm", "the meadow"),
+    kind_first=True)
+
+# The first sentence of the two plots that begin "Once upon a time", by `Cast.kind_first`. Kind first, a model writing
+# left to right must choose a name of that kind; name first, the kind follows from the name (chapter 08 measures both).
+OPENINGS = {False: ("Once upon a time, there was {name}, a little {kid}.",
+                    "Once upon a time, {name}, a little {kid}, had"),
+            True: ("Once upon a time, there was a {kid} named {name}.", "Once upon a time, a {kid} named {name} had")}
 
 STORY_PLOTS = [
     [  # lost and found
-        ["{name} had a {color} {thing}.",
-         "Once upon a time, there was a {kid} named {name}. {name} had a {color} {thing}."],
+        ["{name} had a {color} {thing}.", "{once_lost} {name} had a {color} {thing}."],
         ["{He} loved the {color} {thing} very much.", "It was {his} favourite thing in the world."],
         ["One day, {name} and {his} friend {friend} went to {place}.",
          "One sunny morning, {name} took the {color} {thing} to {place} with {friend}."],
@@ -229,7 +236,7 @@ STORY_PLOTS = [
         ['{name} smiled and said, "Thank you, {friend}!"'],
     ],
     [  # sharing
-        ["{name} got a new {color} {thing}.", "Once upon a time, a {kid} named {name} had a shiny {color} {thing}."],
+        ["{name} got a new {color} {thing}.", "{once_sharing} a shiny {color} {thing}."],
         ["{name} went to {place} to play with it.", "{He} took the {color} {thing} to {place}."],
         ["At {place}, {name} met {friend}.", "There {name} saw {his} friend {friend}."],
         ["{friend} did not have a {thing} and looked sad."],
@@ -261,7 +268,9 @@ def make_story(rng: random.Random, cast: Cast = CAST, **fixed) -> tuple[str, dic
              "color": fixed.get("color") or rng.choice(cast.colors),
              "place": fixed.get("place") or rng.choice(cast.places),
              "kid": "girl" if girl else "boy", "he": "she" if girl else "he", "his": "her" if girl else "his"}
-    words = dict(picks, He=picks["he"].capitalize(), His=picks["his"].capitalize())
+    lost, sharing = (opening.format(**picks) for opening in OPENINGS[cast.kind_first])
+    words = dict(picks, He=picks["he"].capitalize(), His=picks["his"].capitalize(), once_lost=lost,
+                 once_sharing=sharing)
     sentences = [rng.choice(options).format(**words) for options in rng.choice(STORY_PLOTS)]
     return " ".join(sentences), picks
 

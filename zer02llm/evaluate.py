@@ -205,10 +205,12 @@ def story_problems(text: str, cast: Cast = CAST) -> list[str]:
         wrong = r"\b(he|his|him)\b" if hero in cast.girls else r"\b(she|her|hers)\b"
         if re.search(wrong, text, flags=re.IGNORECASE):
             problems.append(f"{hero} is called {re.search(wrong, text, flags=re.IGNORECASE).group(0)}")
-        named = re.search(rf"\ba (girl|boy) named {re.escape(hero)}\b", text)
-        if named and (named.group(1) == "girl") != (hero in cast.girls):
-            problems.append(f"{hero} is called a {named.group(1)}")
-        if re.search(rf"\b(friend|with|met|asked|Thank you,) {re.escape(hero)}\b", text):  # the friend's places
+        h = re.escape(hero)
+        named = re.search(rf"\ba (girl|boy) named {h}\b|\b{h}, a little (girl|boy)\b", text)
+        kid = named and (named.group(1) or named.group(2))
+        if kid and (kid == "girl") != (hero in cast.girls):
+            problems.append(f"{hero} is called a {kid}")
+        if re.search(rf"\b(friend|with|met|asked|Thank you,) {h}\b", text):  # the friend's places
             problems.append(f"{hero} is {hero}'s own friend")
     return problems
 
