@@ -7,9 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . tools/install.sh
 unset MPLBACKEND
-# Passive OpenMP waiting: with the default (spinning) policy a CPU that is busy with anything else slows training
-# several-fold (measured: 1,250 instead of ~11,000 tokens/s while another job ran).
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+# OpenMP's default wait policy spins between parallel regions. On an idle CPU that is the fastest (measured here:
+# 25-40 % more training tokens/s than OMP_WAIT_POLICY=PASSIVE); on a CPU busy with another job it is the slowest
+# (2x slower with one core busy, several-fold with more). On a busy machine, run
+#   OMP_WAIT_POLICY=PASSIVE bash tools/main.sh
 
 WORK=out/main
 SIZE=(--dim 128 --n_layers 4 --n_heads 4 --n_kv_heads 2 --device cpu)
@@ -18,7 +19,7 @@ RUN=(--batch_size 16 --accumulation_steps 1 --log_interval 100 --eval_interval 1
 echo "== 1/4 data: the built-in tiny-world corpus"
 python -m zer02llm.corpus --out "$WORK/dataset"
 
-echo "== 2/4 pretraining (two passes over the corpus: 1182 steps of 16 x 128 tokens, to store the facts and to copy)"
+echo "== 2/4 pretraining (two passes over the corpus, ~1180 steps of 16 x 128 tokens: to store the facts, to copy)"
 python zer02llm/train.py --mode pretrain --data_path "$WORK/dataset/pretrain_hq.jsonl" "${SIZE[@]}" "${RUN[@]}" \
     --max_seq_len 128 --learning_rate 4e-3 --warmup_iters 20 --epochs 2
 
