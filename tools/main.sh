@@ -24,7 +24,7 @@ python zer02llm/train.py --mode pretrain --data_path "$WORK/dataset/pretrain_hq.
     --max_seq_len 128 --learning_rate 4e-3 --warmup_iters 20 --epochs 2
 
 # The validation lines score the held-out questions found beside the data: eval_facts and eval_entities.
-# 200 steps: one pass over the SFT data. At step 50 this run answered 96 % of the held-out facts and 88 % of the
+# 200 steps: one pass over the SFT data. At step 50 this run answered 91 % of the held-out facts and 88 % of the
 # held-out people's questions; from step 100 on, all of both.
 echo "== 3/4 supervised fine-tuning from $WORK/pretrain_128.pth (200 steps of 16 conversations: one pass)"
 python zer02llm/train.py --mode sft --data_path "$WORK/dataset/sft_data.jsonl" "${SIZE[@]}" "${RUN[@]}" \
