@@ -438,7 +438,7 @@ def test_resume_refuses_another_run(corpus, tmp_path, capsys):
     grown.write_bytes(corpus["pretrain"].read_bytes() + b'{"text": "One more line."}\n')
     message = error_of(["--data_path", grown, *args[2:], "--max_steps", "4", "--resume"], capsys)
     size = corpus["pretrain"].stat().st_size
-    assert f"(data pretrain_hq.jsonl ({size:,} bytes) then, pretrain_hq.jsonl ({size + 27:,} bytes) now)" in message
+    assert f"data pretrain_hq.jsonl ({size:,} bytes) then, pretrain_hq.jsonl ({size + 27:,} bytes) now)" in message
     resume = tmp_path / "pretrain_32_resume.pth"
     (tmp_path / "pretrain_32.pth").replace(resume)  # a model checkpoint where the resume state belongs
     message = error_of(args + ["--max_steps", "4", "--resume"], capsys)
